@@ -1,0 +1,57 @@
+# Every target does its own set-up: a fresh Debian machine needs nothing but `make test` (or
+# `make serve`). Expensive artifacts (guest kernel, lab image) are cached outside the checkout,
+# keyed by a hash of their inputs, so reruns skip them.
+
+PYTHON ?= python3
+VENV := .venv
+CUBE := $(VENV)/bin/cube
+PY := $(VENV)/bin/python
+# The lab boots a TCG-emulated L1 guest; give its tests generous but finite limits.
+LAB_TIMEOUT ?= 2400
+
+.PHONY: all deps venv kernel lab-image test test-unit test-kvm test-lab lint format clean
+
+all: venv kernel
+
+deps:
+	bash scripts/install-deps.sh
+
+$(VENV)/.stamp: pyproject.toml setup.py cube/vmm/kvm_build.py | deps
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.stamp
+
+kernel: venv
+	$(CUBE) kernel build
+
+lab-image: venv
+	$(CUBE) lab build
+
+lint: venv
+	$(VENV)/bin/ruff check cube tests
+	$(VENV)/bin/ruff format --check cube tests
+
+format: venv
+	$(VENV)/bin/ruff format cube tests
+	$(VENV)/bin/ruff check --fix cube tests
+
+test: lint test-unit test-kvm test-lab
+
+test-unit: venv
+	$(PY) -m pytest tests/unit
+
+test-kvm: venv
+	$(PY) -m pytest -m kvm tests/kvm
+
+# Host-built artifacts the lab tests use (guest kernel, test initramfs), then the lab tier itself,
+# which runs inside the L1 guest with the checkout and the cache shared at the same paths.
+test-lab: venv
+	$(PY) -m tests.lab.artifacts
+	$(CUBE) lab build
+	$(CUBE) lab run --timeout $(LAB_TIMEOUT) -- python3 -m pytest -m lab tests/lab
+
+clean:
+	rm -rf $(VENV) build *.egg-info cube/vmm/_kvm*.so

@@ -1,0 +1,1 @@
+"""What runs inside the guest: init, the envd-compatible agent, the code interpreter."""

@@ -1,0 +1,1 @@
+"""Templates, the warm pool and the sandbox lifecycle (timeouts, pause/resume, fork)."""

@@ -1,0 +1,149 @@
+"""The vCPU run loop: one OS thread per vCPU in KVM_RUN, dispatching exits to the buses.
+
+KVM_RUN releases the GIL (cffi does that for every C call), so vCPUs run in parallel with each
+other and with the daemon's trio thread; the GIL is only taken for the short exit handlers.
+
+Stopping and pausing use KVM's documented kick: set `immediate_exit` in the shared `kvm_run`
+page, then signal the thread. A thread about to enter KVM_RUN sees the flag and returns at
+once; one already inside is interrupted by the signal. Either way it comes back to the loop,
+which then parks (pause) or returns (stop). The signal's handler does nothing: Python installs
+it, and its only job is to make the kernel interrupt the ioctl instead of killing the process.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cube.vmm.bus import Bus
+from cube.vmm.kvm import Vcpu, ffi, lib
+
+KICK_SIGNAL = signal.SIGRTMIN + 2
+
+
+def install_kick_handler() -> None:
+    """Must run once on the main thread before any vCPU starts (Python installs handlers there)."""
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+class StopReason(enum.Enum):
+    RESET = "reset"  # the guest rebooted (i8042 reset line, or a KVM reset event)
+    SHUTDOWN = "shutdown"  # the guest powered off, or triple-faulted
+    CRASH = "crash"  # KVM reported an error it cannot continue from
+    REQUESTED = "requested"  # the host asked
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: StopReason
+    detail: str = ""
+
+
+class VcpuRunner:
+    """Runs one vCPU until the VM stops; `on_stop` tells the VM why, from this thread."""
+
+    def __init__(self, vcpu: Vcpu, pio: Bus, mmio: Bus, on_stop: Callable[[Stop], None]) -> None:
+        self.vcpu = vcpu
+        self._pio, self._mmio = pio, mmio
+        self._on_stop = on_stop
+        self._thread_id: int | None = None
+        self._wanted = threading.Condition()
+        self._stop = False
+        self._pause = False
+        self._paused = False
+
+    def run(self) -> None:
+        """The thread's body; returns when the VM stops."""
+        with self._wanted:
+            self._thread_id = threading.get_ident()
+        try:
+            self._loop()
+        finally:
+            with self._wanted:
+                self._thread_id = None  # no more kicks: the id may be reused by another thread
+                self._wanted.notify_all()
+
+    def _loop(self) -> None:
+        run = self.vcpu.kvm_run
+        while True:
+            with self._wanted:
+                while self._pause and not self._stop:
+                    self._paused = True
+                    self._wanted.notify_all()
+                    self._wanted.wait()
+                self._paused = False
+                if self._stop:
+                    return
+                run.immediate_exit = 0  # under the lock: a kick after this point is not lost
+            stop = self._dispatch(self.vcpu.run())
+            if stop is not None:
+                self._on_stop(stop)
+
+    def _dispatch(self, reason: int) -> Stop | None:
+        run = self.vcpu.kvm_run
+        if reason == lib.KVM_EXIT_IO:
+            io, data = run.io, self.vcpu.io_data()
+            for i in range(io.count):
+                chunk = slice(i * io.size, (i + 1) * io.size)
+                if io.direction == lib.KVM_EXIT_IO_OUT:
+                    self._pio.write(io.port, bytes(data[chunk]))
+                else:
+                    data[chunk] = self._pio.read(io.port, io.size)
+            return None
+        if reason == lib.KVM_EXIT_MMIO:
+            m = run.mmio
+            if m.is_write:
+                self._mmio.write(m.phys_addr, bytes(ffi.buffer(m.data, m.len)))
+            else:
+                ffi.buffer(m.data, m.len)[:] = self._mmio.read(m.phys_addr, m.len)
+            return None
+        if reason == lib.KVM_EXIT_INTR:
+            return None
+        if reason == lib.KVM_EXIT_HLT:
+            return Stop(StopReason.SHUTDOWN, "halted with interrupts off")
+        if reason == lib.KVM_EXIT_SHUTDOWN:
+            return Stop(StopReason.SHUTDOWN, "triple fault")
+        if reason == lib.KVM_EXIT_SYSTEM_EVENT:
+            kind = run.system_event.type
+            if kind == lib.KVM_SYSTEM_EVENT_RESET:
+                return Stop(StopReason.RESET, "reset event")
+            if kind == lib.KVM_SYSTEM_EVENT_SHUTDOWN:
+                return Stop(StopReason.SHUTDOWN, "shutdown event")
+            return Stop(StopReason.CRASH, f"system event {kind}")
+        if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+            return Stop(StopReason.CRASH, f"KVM internal error, suberror {run.internal.suberror}")
+        if reason == lib.KVM_EXIT_FAIL_ENTRY:
+            code = run.fail_entry.hardware_entry_failure_reason
+            return Stop(StopReason.CRASH, f"VM entry failed, reason {code:#x}")
+        return Stop(StopReason.CRASH, f"unhandled exit {reason} on vCPU {self.vcpu.index}")
+
+    def _kick(self) -> None:
+        """Call with `_wanted` held, so the thread cannot exit between the check and the kill."""
+        self.vcpu.kvm_run.immediate_exit = 1
+        if self._thread_id is not None:
+            signal.pthread_kill(self._thread_id, KICK_SIGNAL)
+
+    def request_stop(self) -> None:
+        with self._wanted:
+            self._stop = True
+            self._wanted.notify_all()
+            self._kick()
+
+    def pause(self) -> None:
+        """Stop running guest code and wait until this vCPU is parked outside KVM_RUN."""
+        with self._wanted:
+            self._pause = True
+            self._kick()
+            while not self._paused and not self._stop and self._thread_id is not None:
+                self._wanted.wait(timeout=0.05)
+                if not self._paused:
+                    self._kick()  # the first kick may have landed just before KVM_RUN
+
+    def resume(self) -> None:
+        with self._wanted:
+            self._pause = False
+            self._wanted.notify_all()

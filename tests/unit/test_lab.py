@@ -1,0 +1,313 @@
+"""The lab runner without QEMU: its command line, the files it hands L1, and its supervision.
+
+Supervision is exercised with small bash scripts standing in for QEMU: they print the ready
+marker (or not), write an exit status (or not) and hang (or not), as L1 would.
+"""
+
+from __future__ import annotations
+
+import io
+import lzma
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cube.lab import cli, image, runner
+from cube.paths import CHECKOUT_DIR
+
+IMAGE = runner.LabImage(Path("/c/rootfs.ext4"), Path("/c/vmlinux"), Path("/c/initrd.img"))
+SHARES = [runner.Share("checkout", Path("/src/cube")), runner.Share("cache", Path("/var/c"))]
+
+
+def _qemu(run_dir: Path = Path("/tmp/run"), forwards=(), shares=SHARES) -> list[str]:
+    return runner.qemu_command(IMAGE, run_dir, shares, forwards, memory_mb=1024, cpus=2)
+
+
+def _values(argv: list[str], option: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv) if arg == option]
+
+
+# --- the QEMU command line ---
+
+
+def test_l1_gets_emulated_amd_v_and_boots_our_init() -> None:
+    argv = _qemu()
+    assert _values(argv, "-accel") == ["tcg,thread=multi"]
+    assert "+svm" in _values(argv, "-cpu")[0] and "+npt" in _values(argv, "-cpu")[0]
+    assert _values(argv, "-kernel") == ["/c/vmlinux"]
+    assert _values(argv, "-initrd") == ["/c/initrd.img"]
+    assert f"init={image.INIT_PATH}" in _values(argv, "-append")[0].split()
+    assert _values(argv, "-m") == ["1024M"]
+
+
+def test_every_run_starts_from_the_pristine_image() -> None:
+    (drive,) = _values(_qemu(), "-drive")
+    assert drive.split(",")[0] == "file=/c/rootfs.ext4"
+    assert "snapshot=on" in drive.split(",")
+
+
+def test_console_goes_to_a_log_and_command_output_to_our_stdout() -> None:
+    argv = _qemu(Path("/tmp/run"))
+    # -nodefaults: no serial port, monitor or NIC but ours; order makes ttyS0 then ttyS1
+    assert "-nodefaults" in argv
+    assert _values(argv, "-serial") == ["file:/tmp/run/console.log", "chardev:cmdout"]
+    assert _values(argv, "-chardev") == ["stdio,id=cmdout,signal=off"]
+
+
+def test_shares_are_the_run_folder_plus_the_given_folders() -> None:
+    virtfs = _values(_qemu(Path("/tmp/run")), "-virtfs")
+    assert virtfs == [
+        "local,path=/tmp/run,mount_tag=labrun,security_model=none",
+        "local,path=/src/cube,mount_tag=checkout,security_model=none",
+        "local,path=/var/c,mount_tag=cache,security_model=none",
+    ]
+
+
+def test_commas_in_paths_are_escaped_for_qemu() -> None:
+    argv = _qemu(shares=[runner.Share("checkout", Path("/a,b"))])
+    assert "local,path=/a,,b,mount_tag=checkout,security_model=none" in _values(argv, "-virtfs")
+
+
+def test_no_network_unless_ports_are_forwarded() -> None:
+    assert "-nic" not in _qemu()
+    (nic,) = _values(_qemu(forwards=[(18080, 8080), (3000, 3000)]), "-nic")
+    assert nic == (
+        "user,model=virtio-net-pci,"
+        "hostfwd=tcp:127.0.0.1:18080-:8080,hostfwd=tcp:127.0.0.1:3000-:3000"
+    )
+
+
+# --- what the run folder hands to L1 ---
+
+
+def test_shares_are_mounted_parents_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkout = tmp_path / "checkout"
+    monkeypatch.setattr(runner, "CHECKOUT_DIR", checkout)
+    monkeypatch.setenv("CUBE_CACHE_DIR", str(checkout / ".cache"))
+    assert [s.path for s in runner.lab_shares()] == [checkout, checkout / ".cache"]
+    monkeypatch.setenv("CUBE_CACHE_DIR", str(tmp_path))
+    assert [s.path for s in runner.lab_shares()] == [tmp_path, checkout]
+
+
+def test_cache_share_is_created_and_at_the_host_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUBE_CACHE_DIR", str(tmp_path / "cache"))
+    shares = {s.tag: s.path for s in runner.lab_shares()}
+    assert shares == {"checkout": CHECKOUT_DIR, "cache": tmp_path / "cache"}
+    assert (tmp_path / "cache").is_dir()
+
+
+def _run_script(tmp_path: Path, command, env: dict[str, str]) -> str:
+    script = tmp_path / "command.sh"
+    script.write_text(runner.command_script(command, env, tmp_path))
+    return subprocess.run(
+        ["bash", str(script)], capture_output=True, text=True, check=True, env={}
+    ).stdout
+
+
+def test_command_script_passes_arguments_and_environment_exactly(tmp_path: Path) -> None:
+    tricky = 'it\'s a "$HOME" `x`\nline two'
+    env = {"TRICKY": tricky, "PLAIN": "1"}
+    out = _run_script(
+        tmp_path,
+        [
+            "python3",
+            "-c",
+            "import os,sys; print(repr((os.getcwd(), sys.argv[1:], os.environ['TRICKY'])))",
+            "a b",
+            "$PLAIN",
+        ],
+        env,
+    )
+    assert out.strip() == repr((str(tmp_path), ["a b", "$PLAIN"], tricky))
+
+
+def test_a_string_command_is_shell_code(tmp_path: Path) -> None:
+    assert _run_script(tmp_path, "echo $PLAIN && echo two", {"PLAIN": "one"}) == "one\ntwo\n"
+
+
+@pytest.mark.parametrize("name", ["1X", "A-B", "A B", ""])
+def test_invalid_environment_names_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="environment variable"):
+        runner.command_script(["true"], {name: "x"}, Path("/"))
+
+
+def test_an_empty_command_is_refused() -> None:
+    with pytest.raises(ValueError):
+        runner.command_script([], {}, Path("/"))
+
+
+def test_run_folder_makes_cube_importable_from_the_checkout(tmp_path: Path) -> None:
+    runner.write_run_folder(tmp_path, ["true"], SHARES, {"EXTRA": "1"})
+    assert (tmp_path / "shares").read_text() == "checkout\t/src/cube\ncache\t/var/c\n"
+    script = (tmp_path / "command.sh").read_text()
+    assert f"export PYTHONPATH={image.SITE_DIR}:/src/cube\n" in script
+    assert "export CUBE_CACHE_DIR=/var/c\n" in script
+    assert "export EXTRA=1\n" in script
+
+
+# --- the init script agrees with the runner ---
+
+INIT = image.INIT_SCRIPT.read_text()
+
+
+def test_init_script_is_valid_bash() -> None:
+    subprocess.run(["bash", "-n", str(image.INIT_SCRIPT)], check=True)
+
+
+def test_init_script_speaks_the_runners_protocol() -> None:
+    assert f"READY_MARKER={runner.READY_MARKER.decode().strip()} " in INIT
+    assert f"ensure_mount 9p {runner.RUN_TAG} " in INIT
+    for name in (runner.SHARES_FILE, runner.COMMAND_FILE, runner.STATUS_FILE):
+        assert f'"$RUN/{name}"' in INIT
+    assert re.search(r"console=ttyS0\b", runner.KERNEL_CMDLINE)
+    assert "OUT=/dev/ttyS1\n" in INIT
+
+
+# --- supervising QEMU (bash stands in for it) ---
+
+
+def _fake_qemu(run_dir: Path, script: str) -> list[str]:
+    return ["bash", "-c", script, "fake-qemu", str(run_dir)]
+
+
+def _supervise(tmp_path: Path, script: str, *, timeout=10.0, boot_timeout=10.0):
+    out = io.BytesIO()
+    argv = _fake_qemu(tmp_path, script)
+    status = runner.supervise(argv, tmp_path, out, timeout=timeout, boot_timeout=boot_timeout)
+    return status, out.getvalue()
+
+
+def test_output_after_the_marker_is_streamed_and_the_status_returned(tmp_path: Path) -> None:
+    status, out = _supervise(
+        tmp_path,
+        'printf "noise\\nCUBE-LAB-"; sleep 0.2; printf "READY\\nhello\\n"; sleep 0.2;'
+        'printf "world\\n"; echo 7 > "$1/exit-status"',
+    )
+    assert (status, out) == (7, b"hello\nworld\n")
+
+
+def _assert_killed(tmp_path: Path) -> None:
+    pid = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_a_lab_that_never_gets_ready_fails_on_the_boot_timeout(tmp_path: Path) -> None:
+    with pytest.raises(runner.LabFailure, match=r"not ready within 0\.5 s") as failure:
+        _supervise(tmp_path, 'echo $$ > "$1/pid"; exec sleep 60', boot_timeout=0.5)
+    assert failure.value.exit_code == runner.EXIT_LAB_FAILURE
+    _assert_killed(tmp_path)
+
+
+def test_a_hung_command_fails_on_the_timeout(tmp_path: Path) -> None:
+    with pytest.raises(runner.LabFailure, match="past its timeout") as failure:
+        _supervise(tmp_path, 'echo $$ > "$1/pid"; echo CUBE-LAB-READY; exec sleep 60', timeout=0.5)
+    assert failure.value.exit_code == runner.EXIT_TIMEOUT
+    _assert_killed(tmp_path)
+
+
+def test_a_lab_that_stops_early_fails(tmp_path: Path) -> None:
+    with pytest.raises(runner.LabFailure, match="before it was ready"):
+        _supervise(tmp_path, "exit 1")
+    with pytest.raises(runner.LabFailure, match="without reporting") as failure:
+        _supervise(tmp_path, "echo CUBE-LAB-READY; echo partial")
+    assert failure.value.exit_code == runner.EXIT_LAB_FAILURE
+
+
+def test_a_failure_report_shows_the_end_of_the_console(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "console.log").write_text("".join(f"line {i}\n" for i in range(100)))
+    runner.report_failure(runner.LabFailure("boom", 125), tmp_path)
+    err = capsys.readouterr().err
+    assert "boom" in err and str(tmp_path) in err
+    assert "line 40\n" in err and "line 99\n" in err and "line 39\n" not in err
+
+
+# --- the command line ---
+
+
+def test_forward_and_env_parsing() -> None:
+    assert cli.parse_forward("18080:8080") == (18080, 8080)
+    assert cli.parse_forward("3000") == (3000, 3000)
+    assert cli.parse_env("A=b=c") == ("A", "b=c")
+    for bad in ("x:80", "80:", "0:80", "80:70000"):
+        with pytest.raises(typer.BadParameter):
+            cli.parse_forward(bad)
+    with pytest.raises(typer.BadParameter):
+        cli.parse_env("NOVALUE")
+
+
+def test_run_passes_everything_after_the_command_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(cli, "run_in_lab", lambda command, **kw: calls.append((command, kw)) or 3)
+    result = CliRunner().invoke(
+        cli.lab_app,
+        [
+            "run",
+            "-f",
+            "18080:8080",
+            "-e",
+            "A=1",
+            "--timeout",
+            "9",
+            "python3",
+            "-m",
+            "pytest",
+            "--timeout",
+            "5",
+        ],
+    )
+    assert result.exit_code == 3, result.output
+    ((command, kw),) = calls
+    assert command == ["python3", "-m", "pytest", "--timeout", "5"]
+    assert kw["forwards"] == [(18080, 8080)] and kw["env"] == {"A": "1"} and kw["timeout"] == 9
+
+
+def test_run_with_one_argument_runs_shell_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(cli, "run_in_lab", lambda command, **kw: calls.append(command) or 0)
+    assert CliRunner().invoke(cli.lab_app, ["run", "--", "make a && make b"]).exit_code == 0
+    assert calls == ["make a && make b"]
+
+
+def test_colours_follow_the_host_terminal() -> None:
+    assert runner.terminal_env(False, "xterm", 120) == {"TERM": "dumb", "NO_COLOR": "1"}
+    assert runner.terminal_env(True, "xterm", 120) == {"TERM": "xterm", "COLUMNS": "120"}
+
+
+# --- image helpers ---
+
+
+def test_vmlinux_is_extracted_from_the_bzimage() -> None:
+    elf = b"\x7fELF" + os.urandom(4096)
+    bzimage = b"setup code" + lzma.compress(elf, format=lzma.FORMAT_XZ) + b"\0trailer"
+    assert image.extract_vmlinux(bzimage) == elf
+    with pytest.raises(image.ImageError):
+        image.extract_vmlinux(b"no payload here")
+
+
+def test_module_names_from_module_listings() -> None:
+    listing = [
+        "kernel/arch/x86/kvm/kvm-amd.ko: kernel/arch/x86/kvm/kvm.ko",
+        "usr/lib/modules/6.1.0-50-amd64/kernel/fs/9p/9p.ko.xz",
+        "usr/lib/modules/6.1.0-50-amd64/modules.dep",
+        "kernel/drivers/block/virtio_blk.ko",
+    ]
+    assert image.module_names(listing) == {"kvm_amd", "9p", "virtio_blk"}
+
+
+def test_lab_requirements_are_the_projects_runtime_and_test_ones(tmp_path: Path) -> None:
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(
+        '[project]\ndependencies = ["trio>=0.27"]\n'
+        '[project.optional-dependencies]\ntest = ["pytest>=8"]\ndocs = ["sphinx"]\n'
+    )
+    assert image.python_requirements(pyproject) == ["trio>=0.27", "pytest>=8"]
