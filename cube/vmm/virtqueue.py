@@ -116,7 +116,13 @@ class Virtqueue:
         return pending
 
     def pop(self, mem: GuestMemoryAccess) -> Chain | None:
-        if not self.pending(mem):
+        """The next available chain, or None once the ring is drained.
+
+        Draining re-arms notifications: with EVENT_IDX the driver only kicks when its avail
+        index passes the avail_event we publish, so we publish where we stopped, then look once
+        more for a chain that raced with the publication.
+        """
+        if not self.pending(mem) and not self.enable_notifications(mem):
             return None
         slot = self.next_avail % self.size
         (head,) = _U16.unpack(mem.read(self.avail_addr + 4 + 2 * slot, 2))

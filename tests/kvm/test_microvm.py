@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from cube.bench.guest import make_vmlinux
 from cube.vmm.vcpu import Stop, StopReason
 from cube.vmm.vm import MicroVm, VmConfig
-from tests.elfimage import make_vmlinux
 
 pytestmark = pytest.mark.kvm
 

@@ -1,61 +1,29 @@
 """Snapshots on the host's KVM: a running guest is paused, saved, and cloned copy-on-write.
 
-The guest prints "r", then spins until a flag byte in its memory becomes non-zero, prints that
-byte and resets the machine. Clones get different flags from the host and must each print
-their own: they share the snapshot's pages but not each other's writes.
+The guest (cube.bench.guest) prints "r", then spins until a flag byte in its memory becomes
+non-zero, prints that byte and resets the machine. Clones get different flags from the host and
+must each print their own: they share the snapshot's pages but not each other's writes.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 
+from cube.bench.guest import FLAG_ADDR as FLAG
+from cube.bench.vmm import make_snapshot
 from cube.vmm import snapshot
 from cube.vmm.vcpu import StopReason
-from cube.vmm.vm import MicroVm, VmConfig
-from tests.elfimage import make_vmlinux
+from cube.vmm.vm import MicroVm
 
 pytestmark = pytest.mark.kvm
 
-FLAG = 0x120_0000
-CODE = (
-    b"\xba\xf8\x03\x00\x00"  # mov edx, 0x3f8
-    b"\xb0r\xee"  # mov al, 'r'; out dx, al
-    + b"\xa0" + struct.pack("<I", FLAG)  # wait: mov al, [FLAG]
-    + b"\x84\xc0\x74\xf7"  # test al, al; jz wait
-    b"\xee\xb0\xfe\xe6\x64\xf4"  # out dx, al; reset
-)  # fmt: skip
-
-
-async def wait_for_console(vm: MicroVm, text: bytes, timeout: float = 30) -> None:
-    with trio.fail_after(timeout):
-        while text not in vm.serial.log_tail():
-            await trio.sleep(0.01)
-
 
 def snapshot_running_guest(tmp_path: Path) -> Path:
-    kernel = tmp_path / "vmlinux"
-    kernel.write_bytes(make_vmlinux(CODE))
-    vm = MicroVm.boot(VmConfig(kernel=kernel, memory_mib=64))
-    target = tmp_path / "snap"
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(vm.run)
-            await wait_for_console(vm, b"r")
-            vm.pause()
-            vm.save_snapshot(target, tmp_path)
-            nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(main)
-    finally:
-        vm.close()
-    return target
+    return make_snapshot(tmp_path, memory_mib=64)
 
 
 def release_and_run(vm: MicroVm, flag: bytes) -> bytes:

@@ -131,3 +131,15 @@ def test_read_only_blk_refuses_writes(tmp_path: Path) -> None:
     d.bring_up()
     assert _blk_request(d, virtio_blk.T_OUT, 0, 512, b"x" * 512) == virtio_blk.S_IOERR
     disk.close()
+
+
+def test_draining_a_queue_rearms_event_idx_kicks() -> None:
+    d = Driver(VirtioRng(), features=mmio.F_VERSION_1 | mmio.F_EVENT_IDX)
+    d.bring_up()
+    q = d.queues[0]
+    for i in range(3):
+        q.post([(0x90000 + 16 * i, 4, True)])
+        d.kick(0)
+        q.take_used()
+        (avail_event,) = struct.unpack("<H", d.ram.read(q.used + 4 + 8 * QSIZE, 2))
+        assert avail_event == i + 1  # the driver must kick again for its next buffer

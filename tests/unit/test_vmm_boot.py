@@ -4,8 +4,8 @@ import struct
 
 import pytest
 
+from cube.bench.guest import make_vmlinux
 from cube.vmm import elf, layout, mptable, pvh
-from tests.elfimage import make_vmlinux
 
 
 class FakeRam:

@@ -149,12 +149,12 @@ async def test_guest_connects_to_host_listener(guest: Guest) -> None:
 @with_guest
 async def test_host_writes_respect_guest_credit(guest: Guest) -> None:
     stream = await _connect(guest, 80)
-    await guest.send(vs.Op.CREDIT_UPDATE, 80, 1 << 30, buf_alloc=100)
+    await guest.send(vs.Op.CREDIT_UPDATE, 80, stream.host_port, buf_alloc=100)
     await stream.send_all(b"x" * 250)
     await settle()
     got = guest.receive()
     assert sum(len(p) for _, p in got) == 100
-    await guest.send(vs.Op.CREDIT_UPDATE, 80, 1 << 30, buf_alloc=100, fwd_cnt=100)
+    await guest.send(vs.Op.CREDIT_UPDATE, 80, stream.host_port, buf_alloc=100, fwd_cnt=100)
     await settle()
     assert sum(len(p) for _, p in guest.receive()) == 100
 
@@ -162,7 +162,7 @@ async def test_host_writes_respect_guest_credit(guest: Guest) -> None:
 @with_guest
 async def test_guest_overrunning_credit_is_reset(guest: Guest) -> None:
     stream = await _connect(guest, 80)
-    port = 1 << 30
+    port = stream.host_port
     for _ in range(vs.BUF_ALLOC // 4096):
         await guest.send(vs.Op.RW, 80, port, b"y" * 4096)
     await guest.send(vs.Op.RW, 80, port, b"z")
@@ -190,3 +190,14 @@ async def test_transport_reset_event_has_length_four(guest: Guest) -> None:
     ((_, length),) = guest.events.take_used()
     assert length == 4 and struct.unpack("<I", guest.drv.ram.read(0xF0000, 4))[0] == 0
     assert await stream.receive_some() == b""
+
+
+@with_guest
+async def test_full_rx_ring_holds_data_until_the_guest_posts_buffers(guest: Guest) -> None:
+    stream = await _connect(guest, 80)
+    await stream.send_all(b"z" * (7 * 4096))  # more than the six posted RX buffers hold
+    await settle()
+    first = sum(len(p) for _, p in guest.receive())  # reposts the buffers it read
+    await settle()
+    rest = sum(len(p) for _, p in guest.receive())
+    assert first == 6 * 4096 and first + rest == 7 * 4096

@@ -22,6 +22,7 @@ import enum
 import itertools
 import math
 import os
+import secrets
 import struct
 from collections import deque
 from dataclasses import dataclass, field
@@ -121,6 +122,10 @@ class VsockStream(trio.abc.HalfCloseableStream):
     def guest_port(self) -> int:
         return self._conn.guest_port
 
+    @property
+    def host_port(self) -> int:
+        return self._conn.host_port
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         conn, view = self._conn, memoryview(data)
         while view:
@@ -209,7 +214,13 @@ class VirtioVsock:
         self._reset_events = 0
         self._pumping = False
         self._pump_again = False
-        self._ports = itertools.cycle(EPHEMERAL_PORTS)
+        # Start at a random port: a clone's guest still remembers the connections of the moment
+        # it was snapshotted until it handles the transport reset, and a REQUEST that reuses one
+        # of their port pairs is taken as a duplicate and dropped.
+        start = secrets.randbelow(len(EPHEMERAL_PORTS))
+        self._ports = itertools.cycle(
+            itertools.chain(EPHEMERAL_PORTS[start:], EPHEMERAL_PORTS[:start])
+        )
 
     # Backend protocol (called on vCPU threads).
 
@@ -420,9 +431,9 @@ class VirtioVsock:
         self.pump()
 
     def _want_send(self, conn: Connection) -> None:
+        """Queue `conn` for RX; the running pump (every caller is inside one) sends it."""
         if conn not in self._sending:
             self._sending.append(conn)
-        self.pump()
 
     def _process_rx(self, transport: VirtioMmio) -> None:
         queue, mem = transport.queues[RX], transport.memory
