@@ -91,18 +91,20 @@ def restore_latency(snapshot: Path, workdir: Path, count: int) -> tuple[Latency,
     return Latency(restore_ms), Latency(first_exit_ms)
 
 
-def _mem_available_kib() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
+def _proc_kib(path: str, field: str) -> int:
+    """A `Name:  N kB` field of a /proc file, in KiB."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
+    raise RuntimeError(f"no {field} in {path}")
+
+
+def _mem_available_kib() -> int:
+    return _proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def _pss_kib() -> int:
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1])
-    raise RuntimeError("no Pss in /proc/self/smaps_rollup")
+    return _proc_kib("/proc/self/smaps_rollup", "Pss")
 
 
 @dataclass(frozen=True)
