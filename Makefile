@@ -19,7 +19,7 @@ deps:
 $(VENV)/.stamp: pyproject.toml setup.py cube/vmm/kvm_build.py | deps
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,guest]'
 	touch $@
 
 venv: $(VENV)/.stamp

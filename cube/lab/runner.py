@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import re
 import select
@@ -333,6 +334,32 @@ def run_in_lab(
     and return EXIT_TIMEOUT or EXIT_LAB_FAILURE; their logs are kept in the run folder.
     """
     image = LabImage.in_dir(build_image())
+    with _one_lab_at_a_time():
+        return _run_once(image, command, forwards, timeout, boot_timeout, env, memory_mb, cpus)
+
+
+@contextlib.contextmanager
+def _one_lab_at_a_time() -> Iterator[None]:
+    """Serialise lab runs on this machine: two TCG guests on a small host starve each other."""
+    with open(cache_dir() / "lab.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("cube lab: waiting for another lab run to finish", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _run_once(
+    image: LabImage,
+    command: Sequence[str] | str,
+    forwards: Sequence[tuple[int, int]],
+    timeout: float,
+    boot_timeout: float,
+    env: Mapping[str, str] | None,
+    memory_mb: int,
+    cpus: int,
+) -> int:
     shares = lab_shares()
     run_dir = Path(tempfile.mkdtemp(prefix="cube-lab-run-"))
     keep = False
