@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # The lab boots a TCG-emulated L1 guest; give its tests generous but finite limits.
 LAB_TIMEOUT ?= 2400
 
-.PHONY: all deps venv kernel lab-image test test-unit test-kvm test-lab lint format clean
+.PHONY: all deps venv kernel lab-image serve test test-unit test-net test-kvm test-lab lint format clean
 
 all: venv kernel
 
@@ -30,6 +30,18 @@ kernel: venv
 lab-image: venv
 	$(CUBE) lab build
 
+# The service on 127.0.0.1:3000. With hardware KVM it runs here; on a PVM host (no standard
+# Linux guest can run) it runs inside the lab with the port forwarded. Either way the default
+# templates are built first unless they are up to date, and an API key is made if none exists.
+serve: venv kernel
+	$(CUBE) apikey ensure
+	@if $(CUBE) doctor --json | $(PY) -c 'import json, sys; sys.exit(json.load(sys.stdin)["kvm"] != "hardware")'; then \
+		$(CUBE) template build-defaults && exec $(CUBE) serve; \
+	else \
+		echo "make serve: no hardware KVM here; serving from the nested lab"; \
+		$(CUBE) lab build && exec $(CUBE) lab serve; \
+	fi
+
 lint: venv
 	$(VENV)/bin/ruff check cube tests
 	$(VENV)/bin/ruff format --check cube tests
@@ -38,10 +50,14 @@ format: venv
 	$(VENV)/bin/ruff format cube tests
 	$(VENV)/bin/ruff check --fix cube tests
 
-test: lint test-unit test-kvm test-lab
+test: lint test-unit test-net test-kvm test-lab
 
 test-unit: venv
 	$(PY) -m pytest tests/unit
+
+# Network namespaces, taps and eBPF on the host (root; nothing leaves the test's namespaces).
+test-net: venv
+	$(PY) -m pytest -m net tests/net
 
 test-kvm: venv
 	$(PY) -m pytest -m kvm tests/kvm
@@ -50,6 +66,7 @@ test-kvm: venv
 # which runs inside the L1 guest with the checkout and the cache shared at the same paths.
 test-lab: venv
 	$(PY) -m tests.lab.artifacts
+	$(CUBE) template build-defaults --rootfs-only
 	$(CUBE) lab build
 	$(CUBE) lab run --timeout $(LAB_TIMEOUT) -- python3 -m pytest -m lab tests/lab
 

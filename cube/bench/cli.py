@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cube.bench import vmm
+from cube.bench import egress, virtio_net, vmm
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure Cube (tables, not verdicts).")
 
@@ -19,3 +19,13 @@ def bench_vmm(
 ) -> None:
     """Snapshot restore latency and memory per idle clone, on this host's KVM."""
     typer.echo(vmm.run(restores, clones, memory))
+
+
+@bench_app.command("net")
+def bench_net(
+    rounds: Annotated[int, typer.Option(min=1, help="Full rings each way through virtio-net")] = 40,
+) -> None:
+    """Egress filter cost per packet, network set-up time, virtio-net frame rates (root)."""
+    typer.echo(egress.run())
+    typer.echo(virtio_net.measure(rounds).table())
+    typer.echo(virtio_net.measure(rounds, frame_bytes=65000, tso=True).table())

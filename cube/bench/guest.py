@@ -3,7 +3,9 @@
 Its code runs at CPL0, which PVM hosts emulate slowly but correctly for a handful of
 instructions, so VMM mechanics (boot, exits, snapshots, clones, density) can be measured on any
 KVM. It prints "r" on the serial port, then waits with `pause` until a flag byte in its memory
-becomes non-zero, prints that byte and pulls the i8042 reset line.
+becomes non-zero, prints that byte and pulls the i8042 reset line. IDLE instead halts with
+interrupts off after its "r": an idle guest whose vCPU thread sleeps in the kernel, as a real
+idle sandbox's does, for density measurements.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ WAIT_FOR_FLAG = (
     + b"\xa0" + struct.pack("<I", FLAG_ADDR)  # mov al, [FLAG]
     + b"\x84\xc0\x74\xf5"  # test al, al; jz wait
     b"\xee\xb0\xfe\xe6\x64\xf4"  # out dx, al; mov al, 0xfe; out 0x64, al; hlt
+)  # fmt: skip
+
+IDLE = (
+    b"\xba\xf8\x03\x00\x00"  # mov edx, 0x3f8
+    b"\xb0r\xee"  # mov al, 'r'; out dx, al
+    b"\xfa\xf4\xeb\xfc"  # halt: cli; hlt; jmp halt
 )  # fmt: skip
 
 

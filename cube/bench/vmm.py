@@ -4,8 +4,9 @@ Both use the tiny bench guest (cube.bench.guest), so they run on any KVM, PVM in
 
 - restore latency: from `MicroVm.restore()` of a snapshot to the guest's first exit after it
   resumes (its first instructions write the serial port), over many restores;
-- memory per idle clone: start N clones of one snapshot, each with its vCPU thread parked in
-  the guest's wait loop, and divide the host's MemAvailable drop and our PSS growth by N.
+- memory per idle clone: start N clones of a snapshot of a halted guest (its vCPU thread
+  sleeps in KVM, as an idle sandbox's does), and divide the host's MemAvailable drop and our
+  PSS growth by N.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from cube.bench.guest import FLAG_ADDR, READY, make_vmlinux
+from cube.bench.guest import FLAG_ADDR, IDLE, READY, WAIT_FOR_FLAG, make_vmlinux
 from cube.vmm.vm import MicroVm, VmConfig
 
 
@@ -41,12 +42,12 @@ async def _wait_console(vm: MicroVm, text: bytes) -> None:
         await trio.sleep(0.001)
 
 
-def make_snapshot(folder: Path, memory_mib: int) -> Path:
-    """Boot the bench guest, let it reach its wait loop, and snapshot it."""
+def make_snapshot(folder: Path, memory_mib: int, code: bytes = WAIT_FOR_FLAG) -> Path:
+    """Boot the bench guest, let it print its "r", and snapshot it (into a new subfolder)."""
     kernel = folder / "vmlinux"
-    kernel.write_bytes(make_vmlinux())
+    kernel.write_bytes(make_vmlinux(code))
     vm = MicroVm.boot(VmConfig(kernel=kernel, memory_mib=memory_mib, vsock=False, rng=False))
-    target = folder / "snapshot"
+    target = folder / ("snapshot-idle" if code == IDLE else "snapshot")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -115,7 +116,7 @@ class Density:
 
 
 def clone_density(snapshot: Path, workdir: Path, count: int) -> Density:
-    """Host memory per running, idle clone of one snapshot."""
+    """Host memory per running, idle clone of a snapshot of the IDLE guest."""
     available, pss = _mem_available_kib(), _pss_kib()
     clones: list[MicroVm] = []
     result: list[Density] = []
@@ -127,7 +128,10 @@ def clone_density(snapshot: Path, workdir: Path, count: int) -> Density:
                     vm = MicroVm.restore(snapshot, workdir)
                     clones.append(vm)
                     nursery.start_soon(vm.run)
-                await trio.sleep(1.0)  # let every vCPU reach its wait loop
+                await trio.sleep(1.0)  # let every vCPU reach its halt
+                stopped = [vm.stop for vm in clones if vm.stop is not None]
+                if stopped:
+                    raise RuntimeError(f"{len(stopped)} idle clones stopped: {stopped[0]}")
                 used = available - _mem_available_kib()
                 grown = _pss_kib() - pss
                 result.append(Density(count, used / count, grown / count))
@@ -146,7 +150,7 @@ def run(restores: int, clones: int, memory_mib: int) -> str:
         folder = Path(scratch)
         snapshot = make_snapshot(folder, memory_mib)
         restore, first_exit = restore_latency(snapshot, folder, restores)
-        density = clone_density(snapshot, folder, clones)
+        density = clone_density(make_snapshot(folder, memory_mib, IDLE), folder, clones)
     header = f"{'measurement (ms)':<34} {'p50':>8} {'p95':>8} {'p99':>8} {'mean':>8}"
     return "\n".join(
         [

@@ -14,6 +14,8 @@ import typer
 
 from cube.lab.image import build_image
 from cube.lab.runner import run_in_lab
+from cube.pool.template import TemplateStore
+from cube.pool.template_build import build_defaults
 
 lab_app = typer.Typer(
     no_args_is_help=True,
@@ -103,10 +105,16 @@ def serve(
     memory_mb: Memory = 6144,
     cpus: Cpus = 2,
 ) -> None:
-    """Run `cube serve` in L1, reachable on the host at 127.0.0.1:PORT, until interrupted."""
+    """Run `cube serve` in L1, reachable on the host at 127.0.0.1:PORT, until interrupted.
+
+    The data dir is the host's (shared with L1), so API keys made with `cube apikey create` on
+    the host work, and templates snapshotted in one lab run are reused by the next; their root
+    filesystems are built on the host first (L1 has no network for debootstrap or pip).
+    """
+    build_defaults(TemplateStore(), rootfs_only=True)
     raise typer.Exit(
         run_in_lab(
-            ["cube", "serve", "--host", "0.0.0.0", "--port", str(port)],
+            f"cube template build-defaults && exec cube serve --listen 0.0.0.0:{port}",
             forwards=[(port, port)],
             timeout=math.inf,
             boot_timeout=boot_timeout,

@@ -31,6 +31,7 @@ from cube.vmm.cpu import VcpuState
 from cube.vmm.devices.i8042 import I8042State
 from cube.vmm.devices.serial import SerialState
 from cube.vmm.devices.virtio_mmio import MmioState
+from cube.vmm.devices.virtio_net import NetState
 from cube.vmm.kvm import PAGE_SIZE
 
 MAGIC = b"CUBESNAP"
@@ -60,9 +61,10 @@ class DiskState(msgspec.Struct, frozen=True):
 
 
 class VirtioState(msgspec.Struct, frozen=True):
-    kind: str  # "blk", "vsock" or "rng"
+    kind: str  # "blk", "vsock", "rng" or "net"
     mmio: MmioState
     disk: DiskState | None = None
+    net: NetState | None = None  # the MAC; the tap is given again to every restore
 
 
 class SnapshotState(msgspec.Struct, frozen=True):

@@ -105,12 +105,12 @@ class Virtqueue:
 
     # Ring access.
 
-    def _avail_idx(self, mem: GuestMemoryAccess) -> int:
+    def avail_idx(self, mem: GuestMemoryAccess) -> int:
         return _U16.unpack(mem.read(self.avail_addr + 2, 2))[0]
 
     def pending(self, mem: GuestMemoryAccess) -> int:
         """How many chains the driver has made available that we have not taken."""
-        pending = (self._avail_idx(mem) - self.next_avail) & 0xFFFF
+        pending = (self.avail_idx(mem) - self.next_avail) & 0xFFFF
         if pending > self.size:
             raise QueueError(f"avail index ran {pending} entries ahead of a {self.size}-entry ring")
         return pending
@@ -180,6 +180,16 @@ class Virtqueue:
         (used_event,) = _U16.unpack(mem.read(self.avail_addr + 4 + 2 * self.size, 2))
         new, old = self.next_used, (self.next_used - added) & 0xFFFF
         return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+    def kick_on_next_avail(self, mem: GuestMemoryAccess) -> None:
+        """Ask for a kick when the driver adds its next chain, even with chains still pending.
+
+        Draining (`pop`) only re-arms at the point where we stopped; a device that waits for
+        the driver to give back one particular buffer, while others sit unused, needs this.
+        """
+        if self.event_idx:
+            mem.write(self.used_addr + 4 + 8 * self.size, _U16.pack(self.avail_idx(mem)))
+            mem.fence()
 
     def enable_notifications(self, mem: GuestMemoryAccess) -> bool:
         """Ask to be kicked for the next chain; True if one arrived meanwhile (check again)."""

@@ -30,6 +30,7 @@ from cube.vmm.devices.i8042 import I8042
 from cube.vmm.devices.serial import Serial
 from cube.vmm.devices.virtio_blk import VirtioBlk
 from cube.vmm.devices.virtio_mmio import QUEUE_NOTIFY, VirtioBackend, VirtioMmio
+from cube.vmm.devices.virtio_net import VirtioNet
 from cube.vmm.devices.virtio_rng import VirtioRng
 from cube.vmm.devices.virtio_vsock import VirtioVsock
 from cube.vmm.disk import LayeredDisk
@@ -58,6 +59,12 @@ class DiskConfig:
 
 
 @dataclass(frozen=True)
+class NetConfig:
+    tap: str  # an existing tap, created and owned by cube/net; the VM only attaches to it
+    mac: str  # the guest's eth0 address, e.g. "02:00:0a:00:00:02"
+
+
+@dataclass(frozen=True)
 class VmConfig:
     kernel: Path
     cmdline: str = ""
@@ -67,6 +74,7 @@ class VmConfig:
     vsock: bool = True
     rng: bool = True
     initrd: Path | None = None
+    net: NetConfig | None = None
 
 
 class IrqLines:
@@ -113,6 +121,7 @@ class MicroVm:
     mmio: Bus = field(default_factory=lambda: Bus("mmio"))
     devices: list[_Device] = field(default_factory=list)
     vsock: VirtioVsock | None = None
+    net: VirtioNet | None = None
     runners: list[VcpuRunner] = field(default_factory=list)
     stop: Stop | None = None
     _msrs: list[int] = field(default_factory=list)
@@ -186,6 +195,8 @@ class MicroVm:
                 self._add_device("vsock", VirtioVsock(GUEST_CID))
             if config.rng:
                 self._add_device("rng", VirtioRng())
+            if config.net is not None:
+                self._add_device("net", VirtioNet(config.net.tap, config.net.mac))
             ram = self.ram
             image = load_vmlinux(kernel, ram, ram.low_end)
             initrd = None
@@ -210,9 +221,17 @@ class MicroVm:
 
     @classmethod
     def restore(
-        cls, folder: Path, workdir: Path, console: Callable[[bytes], None] | None = None
+        cls,
+        folder: Path,
+        workdir: Path,
+        console: Callable[[bytes], None] | None = None,
+        net_tap: str | None = None,
     ) -> MicroVm:
-        """Rebuild a VM from a snapshot folder; disk writes go to new overlays in `workdir`."""
+        """Rebuild a VM from a snapshot folder; disk writes go to new overlays in `workdir`.
+
+        A snapshot with a network device needs `net_tap`: every restore (every clone) attaches
+        to its own tap, with the MAC the snapshot's guest already uses.
+        """
         state = snapshot.read_state(folder)
         parent = Path(state.parent) if state.parent else None
         if parent is not None and snapshot.read_state(parent).memory_size != state.memory_size:
@@ -233,7 +252,7 @@ class MicroVm:
             self.serial.restore(state.serial)
             self.i8042.restore(state.i8042)  # type: ignore[union-attr]
             for index, dev in enumerate(state.virtio):
-                self._restore_device(index, dev, folder, workdir)
+                self._restore_device(index, dev, folder, workdir, net_tap)
             for vcpu_state in state.vcpus:
                 cpu.restore_vcpu(self._add_vcpu(vcpu_state.index), vcpu_state)
             self._restore_vm_state(state.vm)
@@ -262,10 +281,19 @@ class MicroVm:
             self.vsock = backend
             for queue in range(len(backend.queue_sizes)):
                 self.vm.ioeventfd(backend.kick_fd, base + QUEUE_NOTIFY, 4, datamatch=queue)
+        if isinstance(backend, VirtioNet):
+            self.net = backend
+            for queue, fd in enumerate(backend.kick_fds):
+                self.vm.ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=queue)
         return transport
 
     def _restore_device(
-        self, index: int, dev: snapshot.VirtioState, folder: Path, workdir: Path
+        self,
+        index: int,
+        dev: snapshot.VirtioState,
+        folder: Path,
+        workdir: Path,
+        net_tap: str | None,
     ) -> None:
         backend: VirtioBackend
         disk = None
@@ -278,6 +306,10 @@ class MicroVm:
             backend = VirtioVsock(GUEST_CID)
         elif dev.kind == "rng":
             backend = VirtioRng()
+        elif dev.kind == "net" and dev.net is not None:
+            if net_tap is None:
+                raise snapshot.SnapshotError(f"{folder}: restoring a network device needs a tap")
+            backend = VirtioNet.from_state(dev.net, net_tap)
         else:
             raise snapshot.SnapshotError(f"unknown device kind {dev.kind!r} in snapshot")
         self._add_device(dev.kind, backend, disk).restore(dev.mmio)
@@ -304,13 +336,21 @@ class MicroVm:
     # Pausing and snapshots.
 
     def pause(self) -> None:
-        """Park every vCPU outside KVM_RUN; the guest's clock will not count the pause."""
+        """Park every vCPU outside KVM_RUN; the guest's clock will not count the pause.
+
+        The network device's threads stop too: the tap would otherwise go on writing guest
+        memory while a snapshot is taken.
+        """
         for runner in self.runners:
             runner.pause()
+        if self.net is not None:
+            self.net.pause()
         for vcpu in self.vm.vcpus:
             _kvmclock_stopped(vcpu)
 
     def resume(self) -> None:
+        if self.net is not None:
+            self.net.resume()
         for runner in self.runners:
             runner.resume()
 
@@ -358,7 +398,9 @@ class MicroVm:
                 str(disk.layers[0].path), frozen, name, device.read_only
             )
             disk.freeze_top(target / name, workdir / f"disk{index}.{os.urandom(4).hex()}.overlay")
-        return snapshot.VirtioState(device.kind, device.transport.state(), disk_state)
+        backend = device.transport.backend
+        net = backend.state() if isinstance(backend, VirtioNet) else None
+        return snapshot.VirtioState(device.kind, device.transport.state(), disk_state, net)
 
     def _save_memory(self, folder: Path) -> None:
         path = folder / snapshot.MEMORY_FILE
@@ -422,6 +464,8 @@ class MicroVm:
             nursery.start_soon(stop_on_cancel)
             if self.vsock is not None:
                 nursery.start_soon(self.vsock.run)
+            if self.net is not None:
+                nursery.start_soon(self.net.run)
             for runner in self.runners:
                 nursery.start_soon(run_vcpu, runner)
         stop = self.stop or Stop(StopReason.REQUESTED)
@@ -442,6 +486,9 @@ class MicroVm:
         if self.vsock is not None:
             self.vsock.close_fd()
             self.vsock = None
+        if self.net is not None:
+            self.net.close()
+            self.net = None
         self.devices.clear()
 
 

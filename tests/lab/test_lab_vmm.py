@@ -69,7 +69,8 @@ async def command(vm: MicroVm, line: str) -> str:
         raise AssertionError(f"no answer to {line!r}; console:\n{vm.console_tail()}") from error
     async with stream:
         await stream.send_all(line.encode() + b"\n")
-        return await read_line(stream)
+        with trio.fail_after(BOOT_TIMEOUT):
+            return await read_line(stream)
 
 
 async def wait_for_console(vm: MicroVm, text: bytes) -> None:
@@ -127,13 +128,6 @@ def test_real_kernel_boots_with_disk_and_vsock(config: VmConfig) -> None:
     assert config.disks[0].base.read_bytes() == base_before  # writes went to the overlay
 
 
-# Open (issue 3): a restored clone's first vsock connection can race the guest's handling of
-# the transport-reset event, which then resets the new connection too, or the clone does not
-# answer at all. The host tier (tests/kvm/test_snapshot.py) covers clones of the tiny guest.
-CLONE_RACE = pytest.mark.skip(reason="open: first vsock connection to a restored clone races "
-                              "the guest's transport reset (issue 3)")  # fmt: skip
-
-
 def boot_and_snapshot(config: VmConfig, target: Path, workdir: Path) -> None:
     vm = MicroVm.boot(config)
 
@@ -147,7 +141,6 @@ def boot_and_snapshot(config: VmConfig, target: Path, workdir: Path) -> None:
     run_vms([vm], body)
 
 
-@CLONE_RACE
 def test_ten_clones_answer_and_diverge(config: VmConfig, tmp_path: Path) -> None:
     snap = tmp_path / "snap"
     boot_and_snapshot(config, snap, tmp_path)
@@ -170,7 +163,6 @@ def test_ten_clones_answer_and_diverge(config: VmConfig, tmp_path: Path) -> None
     assert [s.reason for s in stops] == [StopReason.RESET] * 10
 
 
-@CLONE_RACE
 def test_diff_snapshot_of_a_clone_round_trips(config: VmConfig, tmp_path: Path) -> None:
     snap, diff = tmp_path / "snap", tmp_path / "diff"
     boot_and_snapshot(config, snap, tmp_path)

@@ -30,6 +30,12 @@ class Ram:
             raise ValueError("outside RAM")
         self.buf[gpa : gpa + len(data)] = data
 
+    def view(self, gpa: int, size: int) -> memoryview:
+        """RAM lent out without a copy, as GuestRam.view does."""
+        if gpa < 0 or size < 0 or gpa + size > len(self.buf):
+            raise ValueError("outside RAM")
+        return memoryview(self.buf)[gpa : gpa + size]
+
     def fence(self) -> None:
         pass
 

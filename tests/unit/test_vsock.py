@@ -193,6 +193,30 @@ async def test_transport_reset_event_has_length_four(guest: Guest) -> None:
 
 
 @with_guest
+async def test_connect_after_a_reset_waits_for_the_guest_to_handle_it(guest: Guest) -> None:
+    guest.dev.transport_reset()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(guest.dev.connect, 80)
+        await settle()
+        assert guest.receive() == []  # no REQUEST while the reset is unhandled
+        ((_, length),) = guest.events.take_used()
+        assert length == 4
+        guest.events.post([(0xF0000, 8, True)])  # what Linux does after resetting its sockets
+        guest.drv.kick(2)
+        await settle()
+        ((req, _),) = guest.receive()
+        assert req.op == vs.Op.REQUEST
+        await guest.send(vs.Op.RESPONSE, 80, req.src_port)
+
+
+@with_guest
+async def test_connect_times_out_when_the_reset_is_never_handled(guest: Guest) -> None:
+    guest.dev.transport_reset()
+    with pytest.raises(TimeoutError, match="reset"):
+        await guest.dev.connect(80, timeout=0.2)
+
+
+@with_guest
 async def test_full_rx_ring_holds_data_until_the_guest_posts_buffers(guest: Guest) -> None:
     stream = await _connect(guest, 80)
     await stream.send_all(b"z" * (7 * 4096))  # more than the six posted RX buffers hold

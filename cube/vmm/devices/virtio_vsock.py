@@ -212,6 +212,11 @@ class VirtioVsock:
         self._control: deque[Header] = deque()
         self._sending: deque[Connection] = deque()  # connections with something to put in RX
         self._reset_events = 0
+        # After a transport reset, the event queue's avail index from before the guest got the
+        # event: the guest re-posts the buffer only after it has reset its sockets, so a moved
+        # index means it is safe to open connections (see `connect`).
+        self._reset_unacked_at: int | None = None
+        self._reset_acked = trio.lowlevel.ParkingLot()
         self._pumping = False
         self._pump_again = False
         # Start at a random port: a clone's guest still remembers the connections of the moment
@@ -263,7 +268,17 @@ class VirtioVsock:
         self._listeners.pop(port, None)
 
     async def connect(self, port: int, timeout: float = 2.0) -> VsockStream:
-        """Open a stream to a guest port; ConnectionRefusedError if nothing listens there."""
+        """Open a stream to a guest port; ConnectionRefusedError if nothing listens there.
+
+        After a restore this first waits until the guest has handled the transport reset:
+        Linux handles the event queue and RX in separate work items, so a connection made
+        before the event is handled would be reset with the snapshot's old ones.
+        """
+        with trio.move_on_after(timeout):
+            while self._reset_events or self._reset_unacked_at is not None:
+                await self._reset_acked.park()
+        if self._reset_events or self._reset_unacked_at is not None:
+            raise TimeoutError(f"the guest did not handle the vsock reset within {timeout} s")
         host_port = next(p for p in self._ports if not any(k[0] == p for k in self._conns))
         conn = Connection(self, host_port, port)
         self._conns[conn.key] = conn
@@ -493,7 +508,12 @@ class VirtioVsock:
 
     def _process_events(self, transport: VirtioMmio) -> None:
         queue, mem = transport.queues[EVENT], transport.memory
+        if self._reset_unacked_at is not None and queue.avail_idx(mem) != self._reset_unacked_at:
+            self._reset_unacked_at = None
+            self._reset_acked.unpark_all()
         sent = False
+        if self._reset_events:
+            self._reset_unacked_at = queue.avail_idx(mem)
         while self._reset_events and (chain := queue.pop(mem)) is not None:
             writable = chain.writable
             if not writable or writable[0].length < 4:
@@ -503,6 +523,7 @@ class VirtioVsock:
             self._reset_events -= 1
             sent = True
         if sent:
+            queue.kick_on_next_avail(mem)  # the re-posted buffer is the guest's ack
             transport.signal_used(queue)
 
     # Connection teardown.

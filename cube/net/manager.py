@@ -1,0 +1,391 @@
+"""The daemon's entry point to sandbox networking: taps from a pool, per-sandbox filter and rules.
+
+Life of a sandbox's network:
+- `start()` cleans up what a crashed daemon left (`reconcile`), installs the nft table and turns
+  on forwarding; `fill_pool()` (or `maintain()`) then builds the pool. A pooled slot is a tap
+  with its gateway addresses, permanent neighbour entries and an attached filter that drops
+  everything.
+- `allocate()` takes a pooled slot (or builds one if the pool is empty), validates the policy
+  and hands the filter to the sandbox: its identity (MAC, addresses) and rules go into the maps.
+- `update_policy()` edits the maps in place; the change applies to the next packet.
+- `release()` gives the slot's tap a brand-new filter (attached before the old one is closed,
+  so the tap is never unfiltered), closes the old one (detaching it, freeing program and maps)
+  and puts the slot back at the end of the pool, marked as still having the old sandbox's
+  conntrack entries; those are deleted (conntrack.py) before the slot is handed out again,
+  for all such slots in one table walk, usually by `maintain` ahead of time. Program,
+  maps, counters and log are never reused, so nothing a sandbox did to them reaches the next
+  one; only the tap and its fixed per-slot addresses are. A tap that still has a carrier (some
+  process still holds it open, e.g. a VMM that was not stopped) is deleted instead: that fd
+  must not end up speaking for the next sandbox. Taps beyond the pool size are deleted too.
+- `maintain()` runs in the daemon's nursery: refills the pool, expires DNS pins, moves drop
+  events from the ring buffers into the bounded per-sandbox logs, and hosts each sandbox's DNS
+  resolver (dns.py) on its gateway. Sandboxes allocated while it is not running get no resolver.
+
+Nothing is pinned in bpffs and the nft rules match taps by name, so after a crash the only
+leftovers are taps, with their clsact filters still attached and dropping (fail closed), and
+the table; `reconcile` deletes both, and the filters' programs and maps go with the taps.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections import deque
+from pathlib import Path
+
+import msgspec
+import trio
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cube.guest.wire import NetConfig
+from cube.net import conntrack, layout, nat, netns, tap
+from cube.net.addressing import V4_SLOT_PREFIX, V6_SLOT_PREFIX, AddressPlan, SlotAddresses
+from cube.net.build import object_path
+from cube.net.dns import SandboxResolver, host_resolver
+from cube.net.filter import Drop, EgressFilter, config_for
+from cube.net.policy import EgressPolicy, IPNetwork, always_deny, compile_policy
+from cube.net.rules import RuleSet
+
+log = logging.getLogger(__name__)
+
+MAINTAIN_INTERVAL = 0.5  # seconds between pool refills / log drains / pin expiry
+
+
+class NetworkConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Host-side network settings. The ranges must not be used by anything else on the host."""
+
+    prefix: str = "cube"
+    range4: str = "10.20.0.0/16"
+    range6: str = "fd63:7562:6500::/64"
+    uplink: str | None = None  # None: the interface of the default IPv4 route
+    pool_size: int = 8
+    ipv6_forwarding: bool = False  # see nat.enable_forwarding
+    tcx: bool = False  # attach with TCX instead of clsact (see filter.py for the trade-off)
+    dns_upstream: str | None = None  # IP of the resolver to forward to; None: the host's own
+
+
+class SandboxNetwork(msgspec.Struct, frozen=True, kw_only=True):
+    """What the VMM and the guest agent need: the tap to open, the guest's MAC and addresses."""
+
+    sandbox_id: str
+    tap: str
+    mac: str
+    guest: NetConfig  # IPv4 (the wire format has no IPv6 fields yet)
+    address6: str  # guest's IPv6 in CIDR form
+    gateway6: str
+
+
+class NetStats(msgspec.Struct, frozen=True, kw_only=True):
+    """Counters since allocation (packets per Reason name, bytes) and the newest drops."""
+
+    packets: dict[str, int]
+    bytes_passed: int
+    bytes_dropped: int
+    log_lost: int
+    log: list[Drop]
+
+
+class NetworkError(RuntimeError):
+    """Unknown sandbox, no uplink, or a kernel refusal; the message says which."""
+
+
+class _Slot(msgspec.Struct, kw_only=True):
+    addresses: SlotAddresses
+    ifindex: int
+    filter: EgressFilter
+    stale_flows: bool = False  # conntrack may still hold the previous sandbox's flows
+
+
+class _Sandbox(msgspec.Struct, kw_only=True):
+    slot: _Slot
+    rules: RuleSet
+    resolver: SandboxResolver | None = None
+
+
+class NetworkManager:
+    """All sandbox networks of one daemon, in network namespace `ns` (None: the current one)."""
+
+    def __init__(self, config: NetworkConfig | None = None, ns: str | None = None) -> None:
+        self.config = config or NetworkConfig()
+        self.ns = ns
+        self._plan = AddressPlan(self.config.range4, self.config.range6, self.config.prefix)
+        self._object: Path = object_path()
+        self._pool: deque[_Slot] = deque()  # oldest first: addresses are reused late
+        self._sandboxes: dict[str, _Sandbox] = {}
+        self._refill = trio.Event()
+        self._nursery: trio.Nursery | None = None  # maintain()'s, where resolvers run
+        with netns.entered(ns), IPRoute() as ipr:
+            self._blocked = self._blocklist(ipr)
+
+    # -- setup and teardown of the whole host side --------------------------------------------
+
+    def start(self) -> None:
+        """Reconcile, install NAT and forwarding (the pool fills in `maintain` or `fill_pool`)."""
+        self.reconcile()
+        uplink = self.config.uplink or self._default_uplink()
+        nat.enable_forwarding(self.ns, self.config.ipv6_forwarding)
+        nat.install(self.ns, self.config.prefix, uplink, self.config.range4, self.config.range6)
+
+    def reconcile(self) -> None:
+        """Delete every Cube tap and the nft table in the namespace: leftovers of a crash.
+
+        Only taps this manager does not hold are touched, so calling it on a running manager
+        is safe. Programs and maps need nothing: they are never pinned, a TCX link dies with the
+        fds of the process that made it, and a clsact filter dies with its tap.
+        """
+        held = {s.addresses.tap for s in self._pool} | {
+            s.slot.addresses.tap for s in self._sandboxes.values()
+        }
+        with netns.entered(self.ns), IPRoute() as ipr:
+            for name in tap.cube_taps(ipr, self.config.prefix):
+                if name not in held:
+                    tap.delete(ipr, name)
+        if not held:
+            nat.remove(self.ns)
+
+    def close(self) -> None:
+        """Release every sandbox, empty the pool and remove the nft table."""
+        for sandbox_id in list(self._sandboxes):
+            self.release(sandbox_id)
+        while self._pool:
+            self._destroy(self._pool.pop())
+        nat.remove(self.ns)
+
+    def _default_uplink(self) -> str:
+        with netns.entered(self.ns), IPRoute() as ipr:
+            for route in ipr.get_default_routes(family=socket.AF_INET):
+                oif = route.get_attr("RTA_OIF")
+                if oif:
+                    return ipr.get_links(oif)[0].get_attr("IFLA_IFNAME")
+        raise NetworkError("no default IPv4 route: set NetworkConfig.uplink")
+
+    # -- slots ------------------------------------------------------------------------------
+
+    def _blocklist(self, ipr: IPRoute) -> frozenset[IPNetwork]:
+        """The always-deny list for this host now: fixed ranges, sandbox ranges, host addresses."""
+        host = [
+            ipaddress.ip_network(msg.get_attr("IFA_ADDRESS").split("%")[0])
+            for msg in ipr.get_addr()
+        ]
+        return _collapse(always_deny([self._plan.range4, self._plan.range6, *host]))
+
+    def _filter(self, ipr: IPRoute, ifindex: int) -> EgressFilter:
+        """A new filter on `ifindex`, closed (drops everything), with the always-deny list."""
+        flt = EgressFilter(self._object, ifindex, self.ns, tcx=self.config.tcx)
+        try:
+            flt.add("block", self._blocked)
+        except BaseException:
+            flt.close()
+            raise
+        return flt
+
+    def refresh_blocklist(self) -> None:
+        """Follow the host's addresses (DHCP, a new bridge...) into every filter's always-deny
+        list; `maintain` calls this on every tick. New entries go in before old ones go out."""
+        with netns.entered(self.ns), IPRoute() as ipr:
+            blocked = self._blocklist(ipr)
+        if blocked == self._blocked:
+            return
+        filters = [s.filter for s in self._pool] + [s.slot.filter for s in self._sandboxes.values()]
+        for flt in filters:
+            flt.add("block", blocked - self._blocked)
+        for flt in filters:
+            flt.remove("block", self._blocked - blocked)
+        self._blocked = blocked
+
+    def _build(self, addresses: SlotAddresses) -> _Slot:
+        """Create a slot's tap and attached (closed) filter; runs in any thread."""
+        with netns.entered(self.ns), IPRoute() as ipr:
+            try:
+                index = tap.create(ipr, addresses)
+                flt = self._filter(ipr, index)
+            except BaseException:
+                tap.delete(ipr, addresses.tap)
+                raise
+        return _Slot(addresses=addresses, ifindex=index, filter=flt)
+
+    async def _new_slot(self) -> _Slot:
+        addresses = self._plan.take()
+        try:
+            return await trio.to_thread.run_sync(self._build, addresses)
+        except BaseException:
+            self._plan.give_back(addresses.slot)
+            raise
+
+    def _destroy(self, slot: _Slot) -> None:
+        """Close the slot's filter, delete its tap and flows, and free its addresses."""
+        a = slot.addresses
+        slot.filter.close()
+        with netns.entered(self.ns), IPRoute() as ipr:
+            tap.delete(ipr, a.tap)
+            conntrack.forget([a.guest4, a.guest6])
+        self._plan.give_back(a.slot)
+
+    async def fill_pool(self) -> None:
+        """Make the pool ready: build missing slots, forget recycled slots' old flows."""
+        self._forget_stale_flows()
+        while len(self._pool) < self.config.pool_size:
+            self._pool.append(await self._new_slot())
+
+    # -- per sandbox ------------------------------------------------------------------------
+
+    async def allocate(self, sandbox_id: str, policy: EgressPolicy) -> SandboxNetwork:
+        """Give `sandbox_id` a tap, addresses and its egress rules (PolicyError if invalid)."""
+        if sandbox_id in self._sandboxes:
+            raise NetworkError(f"sandbox {sandbox_id} already has a network")
+        compiled = compile_policy(policy)
+        if self._pool and self._pool[0].stale_flows:
+            self._forget_stale_flows()
+        slot = self._pool.popleft() if self._pool else await self._new_slot()
+        self._refill.set()
+        a = slot.addresses
+        try:
+            if sandbox_id in self._sandboxes:  # a concurrent allocate won while we waited
+                raise NetworkError(f"sandbox {sandbox_id} already has a network")
+            rules = RuleSet(slot.filter, config_for(a, compiled.internet), compiled)
+        except BaseException:
+            self._destroy(slot)
+            raise
+        sandbox = self._sandboxes[sandbox_id] = _Sandbox(slot=slot, rules=rules)
+        if self._nursery is not None:
+            try:
+                await self._start_resolver(sandbox)
+            except BaseException:
+                self.release(sandbox_id)
+                raise
+        return SandboxNetwork(
+            sandbox_id=sandbox_id,
+            tap=a.tap,
+            mac=a.mac,
+            guest=NetConfig(
+                address=f"{a.guest4}/{V4_SLOT_PREFIX}",
+                gateway=str(a.gateway4),
+                dns=[str(a.gateway4)],
+                mac=a.mac,
+            ),
+            address6=f"{a.guest6}/{V6_SLOT_PREFIX}",
+            gateway6=str(a.gateway6),
+        )
+
+    def _get(self, sandbox_id: str) -> _Sandbox:
+        try:
+            return self._sandboxes[sandbox_id]
+        except KeyError:
+            raise NetworkError(f"sandbox {sandbox_id} has no network") from None
+
+    def update_policy(self, sandbox_id: str, policy: EgressPolicy) -> None:
+        """Replace the sandbox's rules (PUT /sandboxes/{id}/network); effective at once."""
+        compiled = compile_policy(policy)
+        self._get(sandbox_id).rules.replace(compiled)
+
+    def rules(self, sandbox_id: str) -> RuleSet:
+        """The sandbox's rule set (the DNS resolver pins answers through it)."""
+        return self._get(sandbox_id).rules
+
+    def stats(self, sandbox_id: str) -> NetStats:
+        flt = self._get(sandbox_id).slot.filter
+        flt.drain_log()
+        counts = flt.counters()
+        return NetStats(
+            packets={r.name: counts[r] for r in layout.Reason},
+            bytes_passed=counts[layout.SLOT_BYTES_PASSED],
+            bytes_dropped=counts[layout.SLOT_BYTES_DROPPED],
+            log_lost=counts[layout.SLOT_LOG_LOST],
+            log=list(flt.log),
+        )
+
+    def release(self, sandbox_id: str) -> None:
+        """Take the sandbox's network away for good (no-op for an unknown id); see module doc."""
+        sandbox = self._sandboxes.pop(sandbox_id, None)
+        if sandbox is None:
+            return
+        if sandbox.resolver is not None:
+            sandbox.resolver.close()
+        slot = sandbox.slot
+        with netns.entered(self.ns), IPRoute() as ipr:
+            try:
+                busy = ipr.get_links(slot.ifindex)[0].get_attr("IFLA_CARRIER")
+            except NetlinkError:  # the tap is gone already: nothing to recycle
+                busy = True
+            full = len(self._pool) >= self.config.pool_size
+            fresh = None if busy or full else self._filter(ipr, slot.ifindex)
+        if fresh is None:
+            self._destroy(slot)
+            return
+        slot.filter.close()
+        slot.filter = fresh
+        slot.stale_flows = True
+        self._pool.append(slot)
+
+    def _forget_stale_flows(self) -> None:
+        """Delete the conntrack entries of every pooled slot that may still have some."""
+        stale = [slot for slot in self._pool if slot.stale_flows]
+        if stale:
+            with netns.entered(self.ns):
+                conntrack.forget(
+                    [ip for s in stale for ip in (s.addresses.guest4, s.addresses.guest6)]
+                )
+            for slot in stale:
+                slot.stale_flows = False
+
+    async def _start_resolver(self, sandbox: _Sandbox) -> None:
+        assert self._nursery is not None
+        a = sandbox.slot.addresses
+        upstream = (self.config.dns_upstream, 53) if self.config.dns_upstream else host_resolver()
+        resolver = SandboxResolver(
+            self.ns, [str(a.gateway4), str(a.gateway6)], upstream, sandbox.rules
+        )
+        await self._nursery.start(resolver.serve)
+        sandbox.resolver = resolver
+
+    async def _tick(self) -> None:
+        """One round of upkeep. A failure (no address left, a netlink error) is logged and
+        retried next round: it must not take the daemon, or other sandboxes' DNS, down."""
+        try:
+            for sandbox in self._sandboxes.values():
+                sandbox.slot.filter.drain_log()
+                sandbox.rules.expire()
+            self.refresh_blocklist()
+            await self.fill_pool()
+        except Exception:
+            log.exception("sandbox network upkeep failed; retrying")
+
+    async def maintain(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Background upkeep for the daemon's nursery (see the module doc)."""
+        await self.fill_pool()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                for sandbox in self._sandboxes.values():
+                    await self._start_resolver(sandbox)
+                task_status.started()
+                while True:
+                    with trio.move_on_after(MAINTAIN_INTERVAL):
+                        await self._refill.wait()
+                    self._refill = trio.Event()
+                    await self._tick()
+            finally:
+                self._nursery = None
+                for sandbox in self._sandboxes.values():
+                    if sandbox.resolver is not None:
+                        sandbox.resolver.close()
+                        sandbox.resolver = None
+
+
+def _collapse(nets: frozenset[IPNetwork]) -> frozenset[IPNetwork]:
+    """Merge overlapping networks so the block trie stays small; fail if it cannot hold them."""
+    merged = frozenset(
+        [
+            *ipaddress.collapse_addresses(n for n in nets if n.version == 4),
+            *ipaddress.collapse_addresses(n for n in nets if n.version == 6),
+        ]
+    )
+    if len(merged) > layout.BLOCK_ENTRIES:
+        raise NetworkError(
+            f"{len(merged)} always-deny networks; the filter holds at most {layout.BLOCK_ENTRIES}"
+        )
+    return merged

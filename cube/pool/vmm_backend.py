@@ -1,0 +1,196 @@
+"""The real backend: every sandbox is a KVM microVM restored from a snapshot by cube/vmm.
+
+A template image is a full snapshot folder (memory, vCPU and device state, the rootfs as the
+disk's base). Starting a sandbox restores it with guest RAM mapped copy-on-write from the
+snapshot's memory file, so a clone costs only the pages it writes; its disk writes go to a
+sparse overlay in the sandbox's work folder. The agent inside is already running (it was when
+the template was snapshotted), so a start is a restore plus one control round trip over vsock.
+
+Pause writes a diff snapshot against the template (the clone's private pages, device state and
+disk overlay), so its cost follows dirty memory rather than RAM size, then frees the VM. Fork
+and snapshot write the same kind of diff and let the source carry on.
+
+Threads: restores, pauses and snapshot writes are ioctls and file I/O that take milliseconds,
+so they run in worker threads (`trio.to_thread`), never on the trio loop; concurrent creates
+therefore restore in parallel. Each VM's `run()` is a task in this backend's nursery.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from cube.guest.wire import CONTROL_PORT, RELAY_PORT, ControlRequest, Reply
+from cube.pool.agent_link import control_call, relay_handshake, wait_answering
+from cube.pool.backend import BackendError, Image, Resources, start_all
+from cube.pool.identity import new_id
+from cube.vmm.snapshot import SnapshotError
+from cube.vmm.vm import MicroVm, VmError
+
+log = logging.getLogger(__name__)
+
+AGENT_TIMEOUT_S = 30.0  # a restored agent answers at once; nested labs are slow
+CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass(eq=False)
+class VmInstance:
+    vm: MicroVm
+    workdir: Path
+    resources: Resources
+    dead: trio.Event = field(default_factory=trio.Event)
+    death: str = ""
+    stopped: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def name(self) -> str:
+        return f"vm-{self.workdir.name}"
+
+
+class VmmBackend:
+    def __init__(self, work_dir: Path) -> None:
+        self._work_dir = work_dir
+        self._nursery: trio.Nursery | None = None
+        self._instances: set[VmInstance] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own every VM's run task; on cancellation every VM still running is stopped."""
+        self._work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # Starting.
+
+    async def start(self, image: Image) -> VmInstance:
+        return await self._restore(image.folder, image.resources)
+
+    async def resume(self, folder: Path) -> VmInstance:
+        return await self._restore(folder, None)
+
+    async def _restore(self, folder: Path, resources: Resources | None) -> VmInstance:
+        assert self._nursery is not None, "VmmBackend.run is not running"
+        workdir = self._work_dir / new_id(12)
+        workdir.mkdir(mode=0o700)
+        try:
+            vm = await trio.to_thread.run_sync(MicroVm.restore, folder, workdir)
+        except (OSError, SnapshotError, VmError) as exc:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise BackendError(f"cannot restore {folder.name}: {exc}") from exc
+        instance = VmInstance(vm, workdir, resources or _resources_of(vm))
+        self._instances.add(instance)
+        self._nursery.start_soon(self._run_vm, instance)
+        try:
+            await self._wait_for_agent(instance)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.kill(instance)
+            raise
+        return instance
+
+    async def _run_vm(self, instance: VmInstance) -> None:
+        try:
+            stop = await instance.vm.run()
+            instance.death = f"guest stopped ({stop.reason.value}: {stop.detail})"
+        except VmError as exc:
+            instance.death = str(exc).splitlines()[0]
+            log.warning("sandbox VM crashed", extra={"vm": instance.name})
+        finally:
+            instance.dead.set()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(instance.vm.close)
+                shutil.rmtree(instance.workdir, ignore_errors=True)
+                self._instances.discard(instance)
+                instance.stopped.set()
+
+    async def _wait_for_agent(self, instance: VmInstance) -> None:
+        control = partial(self.control, instance)
+        if await wait_answering(control, instance.dead, AGENT_TIMEOUT_S):
+            return
+        raise BackendError(
+            f"the guest agent did not answer: {instance.death or 'timeout'}; console tail:\n"
+            + instance.vm.console_tail(2048)
+        )
+
+    # Talking to the guest.
+
+    async def _open(self, instance: VmInstance, port: int) -> trio.abc.Stream:
+        vsock = instance.vm.vsock
+        if vsock is None or instance.dead.is_set():
+            raise BackendError(f"sandbox VM is not running ({instance.death or 'no vsock'})")
+        try:
+            return await vsock.connect(port, timeout=CONNECT_TIMEOUT_S)
+        except (ConnectionRefusedError, TimeoutError) as exc:
+            raise BackendError(f"guest agent unreachable: {exc}") from exc
+
+    async def connect(self, instance: VmInstance, port: int) -> trio.abc.Stream:
+        stream = await self._open(instance, RELAY_PORT)
+        try:
+            await relay_handshake(stream, port)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
+
+    async def control(self, instance: VmInstance, request: ControlRequest) -> Reply:
+        async with await self._open(instance, CONTROL_PORT) as stream:
+            return await control_call(stream, request)
+
+    async def console(self, instance: VmInstance, limit: int) -> list[str]:
+        return instance.vm.console_tail(64 * 1024).splitlines()[-limit:]
+
+    # Pause, fork, snapshot.
+
+    async def _save(self, instance: VmInstance, folder: Path) -> None:
+        """Pause the VM and write a snapshot of it into `folder`; the VM stays paused."""
+        vm = instance.vm
+        try:
+            await trio.to_thread.run_sync(vm.pause)
+            await trio.to_thread.run_sync(vm.save_snapshot, folder, instance.workdir)
+        except (OSError, SnapshotError) as exc:
+            vm.resume()
+            raise BackendError(f"cannot snapshot {instance.name}: {exc}") from exc
+
+    async def pause(self, instance: VmInstance, folder: Path) -> None:
+        await self._save(instance, folder)
+        await self.kill(instance)
+
+    async def snapshot(self, instance: VmInstance, folder: Path) -> None:
+        await self._save(instance, folder)
+        instance.vm.resume()
+
+    async def fork(self, instance: VmInstance, count: int) -> list[VmInstance]:
+        """Copies restored from a diff snapshot kept under the work folder: the copies' disks
+        read the snapshot's frozen overlay, so it lives as long as the backend's work folder.
+        """
+        folder = self._work_dir / f"fork-{new_id(12)}"
+        await self.snapshot(instance, folder)
+        return await start_all(count, partial(self._restore, folder, instance.resources), self.kill)
+
+    async def discard(self, folder: Path) -> None:
+        """A paused sandbox's folder holds all of it (diff memory, device state, disk
+        overlays); the daemon deletes the folder, so there is nothing else to free."""
+
+    # Stopping.
+
+    async def kill(self, instance: VmInstance) -> None:
+        instance.vm.request_stop()
+        await instance.stopped.wait()
+
+    async def wait_dead(self, instance: VmInstance) -> str:
+        await instance.dead.wait()
+        return instance.death
+
+
+def _resources_of(vm: MicroVm) -> Resources:
+    """What a resumed VM has; the disk size is its first disk's, as the guest sees it."""
+    disk_mb = 0
+    if vm.devices and vm.devices[0].disk is not None:
+        disk_mb = vm.devices[0].disk.size >> 20
+    return Resources(cpu_count=len(vm.runners), memory_mb=vm.ram.size >> 20, disk_mb=disk_mb)

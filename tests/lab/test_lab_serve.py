@@ -1,0 +1,167 @@
+"""`cube serve` with the VMM backend, driven by the unmodified E2B SDK (inside the lab).
+
+The host builds the `base` template's root filesystem first (`cube template build-defaults
+--rootfs-only`, which `make test-lab` runs); L1 boots it once to make the template snapshot,
+starts `cube serve` as a real subprocess and talks to it over HTTP exactly as a user's agent
+would, with only the API URL, sandbox URL and API key set. Every sandbox is a microVM restored
+from that snapshot.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from e2b import Sandbox
+from e2b.exceptions import SandboxException
+
+from cube import artifacts
+from cube.apikeys import ApiKeyStore
+from cube.guestkernel import find_kernel
+from cube.paths import cache_dir
+from cube.pool.template import TemplateStore
+from cube.pool.template_build import ROOTFS_KIND, BuildSpec, build_template, rootfs_key
+
+pytestmark = pytest.mark.lab
+
+# The SDK's default template name, with the default rootfs; smaller than the default VM shape
+# because the lab is a 2-vCPU TCG guest.
+SPEC = BuildSpec(name="base", cpus=1, memory_mb=512)
+READY_TIMEOUT = 300.0
+SDK_TIMEOUT = 120  # seconds per SDK request: nested TCG is slow
+
+
+@dataclass(frozen=True)
+class Daemon:
+    url: str
+    key: str
+    log: Path
+
+    def sdk(self) -> dict[str, object]:
+        return {"api_key": self.key, "api_url": self.url, "sandbox_url": self.url,
+                "request_timeout": SDK_TIMEOUT}  # fmt: skip
+
+    def create(self, **kwargs: object) -> Sandbox:
+        return Sandbox.create(template=SPEC.name, timeout=600, **self.sdk(), **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    if find_kernel() is None:
+        pytest.fail("no guest kernel in the cache: run `make kernel` on the host")
+    if not artifacts.is_built(ROOTFS_KIND, rootfs_key(SPEC)):
+        pytest.fail("template rootfs not cached: run `cube template build-defaults --rootfs-only`")
+    # In the shared cache, beside the cached rootfs, so the template's disk is a hard link.
+    data = cache_dir() / "lab-serve-test"
+    shutil.rmtree(data, ignore_errors=True)
+    build_template(SPEC, TemplateStore(data / "templates"))
+    key, _ = ApiKeyStore(data).create("lab")
+    port = _free_port()
+    config = data / "cube.toml"
+    config.write_text(
+        f'listen = "127.0.0.1:{port}"\nbackend = "vmm"\ndata_dir = "{data}"\n'
+        f"graceful_timeout = 1.0\n[pool]\nbase = 1\n"
+    )
+    log = data / "serve.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "cube", "serve", "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    daemon = Daemon(f"http://127.0.0.1:{port}", key, log)
+    try:
+        _wait_listening(daemon, server)
+        yield daemon
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        print(f"\n--- cube serve log (tail) ---\n{log.read_text()[-4000:]}")
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _wait_listening(daemon: Daemon, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"cube serve exited:\n{daemon.log.read_text()[-4000:]}"
+        try:
+            answer = httpx.get(f"{daemon.url}/v2/sandboxes", headers={"X-API-Key": daemon.key})
+            if answer.status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"cube serve did not listen:\n{daemon.log.read_text()[-4000:]}")
+
+
+def test_commands_and_files_in_a_microvm(daemon: Daemon) -> None:
+    sbx = daemon.create(metadata={"suite": "lab"})
+    try:
+        result = sbx.commands.run("echo hello from $(whoami); uname -r; echo oops >&2; pwd")
+        out = result.stdout.splitlines()
+        assert out[0] == "hello from user"
+        assert out[2] == "/home/user"
+        assert result.stderr == "oops\n" and result.exit_code == 0
+        assert sbx.commands.run("cat /proc/1/cmdline | tr '\\0' ' '").stdout  # a real guest
+        sbx.files.write("notes/a.txt", "written through the SDK")
+        assert sbx.files.read("/home/user/notes/a.txt") == "written through the SDK"
+        assert [e.name for e in sbx.files.list("notes")] == ["a.txt"]
+        listed = Sandbox.list(**daemon.sdk()).next_items()
+        assert sbx.sandbox_id in {s.sandbox_id for s in listed}
+    finally:
+        assert sbx.kill()
+    assert not Sandbox.kill(sbx.sandbox_id, **daemon.sdk())  # gone: a second kill is False
+
+
+def test_clones_of_one_template_have_their_own_identity(daemon: Daemon) -> None:
+    probe = "hostname; cat /etc/machine-id; head -c 16 /dev/urandom | od -An -tx1; date +%s"
+    sandboxes = [daemon.create(), daemon.create()]
+    try:
+        seen = [s.commands.run(probe).stdout.split("\n", 3) for s in sandboxes]
+        now = time.time()
+    finally:
+        for s in sandboxes:
+            s.kill()
+    (host_a, id_a, rand_a, clock_a), (host_b, id_b, rand_b, clock_b) = seen
+    assert host_a != host_b and id_a != id_b and rand_a != rand_b
+    for clock in (clock_a, clock_b):
+        assert abs(int(clock) - now) < 120  # the wall clock was set at hand-out, not snapshot
+
+
+def test_pause_then_connect_keeps_files_and_processes(daemon: Daemon) -> None:
+    sbx = daemon.create()
+    try:
+        sbx.files.write("/home/user/kept.txt", "still here")
+        sleeper = sbx.commands.run("sleep 3600", background=True)
+        assert sbx.pause()
+        info = Sandbox.get_info(sbx.sandbox_id, **daemon.sdk())
+        assert info.state.value == "paused"
+        again = Sandbox.connect(sbx.sandbox_id, **daemon.sdk())
+        assert again.files.read("/home/user/kept.txt") == "still here"
+        pids = [p.pid for p in again.commands.list()]
+        assert sleeper.pid in pids
+    finally:
+        Sandbox.kill(sbx.sandbox_id, **daemon.sdk())
+
+
+def test_unknown_template_is_a_clear_error(daemon: Daemon) -> None:
+    with pytest.raises(SandboxException, match="404"):
+        Sandbox.create(template="no-such-template", **daemon.sdk())
