@@ -3,7 +3,9 @@
 Both use the tiny bench guest (cube.bench.guest), so they run on any KVM, PVM included:
 
 - restore latency: from `MicroVm.restore()` of a snapshot to the guest's first exit after it
-  resumes (its first instructions write the serial port), over many restores;
+  resumes (its first instructions write the serial port), over many restores; beside it, in the
+  same run, the floor: the same KVM objects made with bare ioctls and nothing else (VM, TSS,
+  irqchip, PIT, the snapshot's memory mapped privately and registered, one vCPU);
 - memory per idle clone: start N clones of a snapshot of a halted guest (its vCPU thread
   sleeps in KVM, as an idle sandbox's does), and divide the host's MemAvailable drop and our
   PSS growth by N.
@@ -20,6 +22,10 @@ from pathlib import Path
 import trio
 
 from cube.bench.guest import FLAG_ADDR, IDLE, READY, WAIT_FOR_FLAG, make_vmlinux
+from cube.vmm import layout
+from cube.vmm.kvm import Kvm
+from cube.vmm.memory import GuestRam
+from cube.vmm.snapshot import MEMORY_FILE
 from cube.vmm.vm import MicroVm, VmConfig
 
 
@@ -92,6 +98,25 @@ def restore_latency(snapshot: Path, workdir: Path, count: int) -> tuple[Latency,
     return Latency(restore_ms), Latency(first_exit_ms)
 
 
+def ioctl_floor(folder: Path, memory_mib: int, count: int) -> Latency:
+    """What a restore cannot go below on this host's KVM, in milliseconds (see the module doc)."""
+    memory_file = folder / MEMORY_FILE
+    samples: list[float] = []
+    for _ in range(count):
+        start = time.perf_counter()
+        with Kvm() as kvm, kvm.create_vm() as vm:
+            vm.set_tss_addr(layout.TSS_ADDR)
+            vm.create_irqchip()
+            vm.create_pit2()
+            ram = GuestRam.from_file(memory_file, memory_mib * layout.MiB)
+            for slot, (region, memory) in enumerate(ram.regions):
+                vm.set_user_memory_region(slot, region.guest_addr, memory)
+            vm.create_vcpu(0)
+            samples.append((time.perf_counter() - start) * 1e3)
+        ram.close()
+    return Latency(samples)
+
+
 def _proc_kib(path: str, field: str) -> int:
     """A `Name:  N kB` field of a /proc file, in KiB."""
     for line in Path(path).read_text().splitlines():
@@ -148,16 +173,19 @@ def run(restores: int, clones: int, memory_mib: int) -> str:
     """Every host-tier VMM measurement, as a printable table."""
     with tempfile.TemporaryDirectory(prefix="cube-bench-") as scratch:
         folder = Path(scratch)
-        snapshot = make_snapshot(folder, memory_mib)
-        restore, first_exit = restore_latency(snapshot, folder, restores)
+        snapshot_folder = make_snapshot(folder, memory_mib)
+        floor = ioctl_floor(snapshot_folder, memory_mib, restores)
+        restore, first_exit = restore_latency(snapshot_folder, folder, restores)
         density = clone_density(make_snapshot(folder, memory_mib, IDLE), folder, clones)
     header = f"{'measurement (ms)':<34} {'p50':>8} {'p95':>8} {'p99':>8} {'mean':>8}"
     return "\n".join(
         [
             f"cube bench vmm: {memory_mib} MiB snapshot of the bench guest",
             header,
+            floor.row("floor: bare ioctls of a restore"),
             restore.row("restore (host side)"),
             first_exit.row("restore to first guest exit"),
+            f"restore / floor (p50): {restore.pct(50) / floor.pct(50):.2f}",
             f"idle clones: {density.clones}, host memory per clone "
             f"{density.host_kib_per_clone / 1024:.2f} MiB (MemAvailable drop), "
             f"PSS per clone {density.pss_kib_per_clone / 1024:.2f} MiB",

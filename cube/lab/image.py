@@ -43,6 +43,8 @@ PACKAGES = (
     # sandbox networking (NAT, egress rules) is tested inside L1
     "nftables",
     "iptables",
+    # the E2B SDK's HTTP client (reqwest) refuses to start without system CA certificates
+    "ca-certificates",
 )
 # Wheel tags L1 (glibc 2.36) can load, listed because older pips do not widen a --platform to
 # the tags below it: the two that binary wheels on PyPI are built for in practice.

@@ -30,6 +30,7 @@ from cube.pool.agent_link import control_call, relay_handshake, wait_answering
 from cube.pool.backend import BackendError, Image, Resources, start_all
 from cube.pool.identity import new_id
 from cube.vmm.snapshot import SnapshotError
+from cube.vmm.vcpu import install_kick_handler
 from cube.vmm.vm import MicroVm, VmError
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class VmmBackend:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own every VM's run task; on cancellation every VM still running is stopped."""
+        install_kick_handler()  # restores run in worker threads, and Python sets handlers here
         self._work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -151,6 +153,8 @@ class VmmBackend:
         """Pause the VM and write a snapshot of it into `folder`; the VM stays paused."""
         vm = instance.vm
         try:
+            if folder.exists():
+                folder.rmdir()  # the caller's empty folder: snapshots appear atomically by name
             await trio.to_thread.run_sync(vm.pause)
             await trio.to_thread.run_sync(vm.save_snapshot, folder, instance.workdir)
         except (OSError, SnapshotError) as exc:

@@ -330,10 +330,12 @@ class Vcpu(_KvmFd):
     def run(self) -> int:
         """Enter the guest until it exits to us; return `kvm_run.exit_reason`.
 
-        A signal (the VMM's kick) or `immediate_exit` returns KVM_EXIT_INTR rather than raising.
+        A signal (the VMM's kick) or `immediate_exit` returns KVM_EXIT_INTR rather than raising;
+        so does EAGAIN, which KVM returns when it woke a secondary vCPU that is still waiting for
+        its INIT/SIPI from the boot CPU (the caller just enters again).
         """
         ret = lib.cube_ioctl_val(self.fd, lib.KVM_RUN, 0)
-        if ret == -errno.EINTR:
+        if ret in (-errno.EINTR, -errno.EAGAIN):
             return lib.KVM_EXIT_INTR
         if ret < 0:
             raise KvmError(-ret, "KVM_RUN")

@@ -9,6 +9,7 @@ from that snapshot.
 
 from __future__ import annotations
 
+import base64
 import shutil
 import signal
 import socket
@@ -23,19 +24,20 @@ import httpx
 import pytest
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
+from e2b_code_interpreter import Sandbox as CodeSandbox
 
-from cube import artifacts
 from cube.apikeys import ApiKeyStore
-from cube.guestkernel import find_kernel
 from cube.paths import cache_dir
 from cube.pool.template import TemplateStore
-from cube.pool.template_build import ROOTFS_KIND, BuildSpec, build_template, rootfs_key
+from cube.pool.template_build import BuildSpec, build_template, missing_in_lab
 
 pytestmark = pytest.mark.lab
 
-# The SDK's default template name, with the default rootfs; smaller than the default VM shape
-# because the lab is a 2-vCPU TCG guest.
+# The SDKs' default templates, with the default root filesystems; smaller than the default VM
+# shape because the lab is a 2-vCPU TCG guest.
 SPEC = BuildSpec(name="base", cpus=1, memory_mb=512)
+INTERPRETER_SPEC = BuildSpec(name="code-interpreter-v1", interpreter=True, cpus=1, memory_mb=1024)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 READY_TIMEOUT = 300.0
 SDK_TIMEOUT = 120  # seconds per SDK request: nested TCG is slow
 
@@ -62,14 +64,17 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    if find_kernel() is None:
-        pytest.fail("no guest kernel in the cache: run `make kernel` on the host")
-    if not artifacts.is_built(ROOTFS_KIND, rootfs_key(SPEC)):
-        pytest.fail("template rootfs not cached: run `cube template build-defaults --rootfs-only`")
+    specs = (SPEC, INTERPRETER_SPEC)
+    for spec in specs:
+        if (missing := missing_in_lab(spec)) is not None:
+            pytest.fail(missing)
     # In the shared cache, beside the cached rootfs, so the template's disk is a hard link.
     data = cache_dir() / "lab-serve-test"
     shutil.rmtree(data, ignore_errors=True)
-    build_template(SPEC, TemplateStore(data / "templates"))
+    for spec in specs:
+        started = time.monotonic()
+        build_template(spec, TemplateStore(data / "templates"))
+        print(f"\ntemplate {spec.name}: boot + snapshot {time.monotonic() - started:.1f} s")
     key, _ = ApiKeyStore(data).create("lab")
     port = _free_port()
     config = data / "cube.toml"
@@ -124,6 +129,13 @@ def test_commands_and_files_in_a_microvm(daemon: Daemon) -> None:
         sbx.files.write("notes/a.txt", "written through the SDK")
         assert sbx.files.read("/home/user/notes/a.txt") == "written through the SDK"
         assert [e.name for e in sbx.files.list("notes")] == ["a.txt"]
+        rounds = []
+        for _ in range(5):
+            started = time.perf_counter()
+            sbx.commands.run("true")
+            rounds.append(time.perf_counter() - started)
+        print(f"\ncommands.run('true') through cube serve, median of 5: "
+              f"{sorted(rounds)[2] * 1e3:.1f} ms (lab, TCG)")  # fmt: skip
         listed = Sandbox.list(**daemon.sdk()).next_items()
         assert sbx.sandbox_id in {s.sandbox_id for s in listed}
     finally:
@@ -133,7 +145,9 @@ def test_commands_and_files_in_a_microvm(daemon: Daemon) -> None:
 
 def test_clones_of_one_template_have_their_own_identity(daemon: Daemon) -> None:
     probe = "hostname; cat /etc/machine-id; head -c 16 /dev/urandom | od -An -tx1; date +%s"
+    started = time.perf_counter()
     sandboxes = [daemon.create(), daemon.create()]
+    print(f"\ntwo creates (one from the warm pool): {time.perf_counter() - started:.2f} s")
     try:
         seen = [s.commands.run(probe).stdout.split("\n", 3) for s in sandboxes]
         now = time.time()
@@ -160,6 +174,25 @@ def test_pause_then_connect_keeps_files_and_processes(daemon: Daemon) -> None:
         assert sleeper.pid in pids
     finally:
         Sandbox.kill(sbx.sandbox_id, **daemon.sdk())
+
+
+def test_run_code_draws_a_matplotlib_chart(daemon: Daemon) -> None:
+    sbx = CodeSandbox.create(template=INTERPRETER_SPEC.name, timeout=600, **daemon.sdk())
+    try:
+        assert sbx.run_code("x = 41").error is None
+        assert sbx.run_code("x + 1").text == "42"  # state survives between calls
+        drawn = sbx.run_code(
+            "import matplotlib.pyplot as plt\n"
+            "plt.plot([1, 2, 3], [1, 4, 9])\nplt.title('squares')\nplt.show()"
+        )
+        assert drawn.error is None, drawn.error
+        (chart,) = [r for r in drawn.results if r.png]
+        assert base64.b64decode(chart.png).startswith(PNG_MAGIC)
+        assert chart.chart is not None and chart.chart.title == "squares"
+        failed = sbx.run_code("1 / 0")
+        assert failed.error is not None and failed.error.name == "ZeroDivisionError"
+    finally:
+        sbx.kill()
 
 
 def test_unknown_template_is_a_clear_error(daemon: Daemon) -> None:

@@ -42,6 +42,9 @@ async def run(args: argparse.Namespace) -> None:
     config.bind = [args.listen]
     config.keep_alive_timeout = 640  # as upstream: idle SDK connections are reused for minutes
     config.graceful_timeout = 5
+    # The app's startup starts the default kernels, which takes minutes on a slow (nested, TCG)
+    # first boot; Hypercorn's 60 s default would kill the server and restart it from scratch.
+    config.startup_timeout = 600
     config.accesslog = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
