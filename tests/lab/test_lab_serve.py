@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2b import Sandbox
+from e2b import PtySize, Sandbox, SandboxQuery
 from e2b.exceptions import SandboxException
 from e2b_code_interpreter import Sandbox as CodeSandbox
 
@@ -151,6 +151,20 @@ def test_clones_of_one_template_have_their_own_identity(daemon: Daemon) -> None:
     try:
         seen = [s.commands.run(probe).stdout.split("\n", 3) for s in sandboxes]
         now = time.time()
+        a, b = sandboxes
+        token_a = a._envd_access_token
+        assert token_a and token_a != b._envd_access_token
+        # b's agent refuses a's token: each clone enforces its own, pushed at hand-out.
+        refused = httpx.post(
+            f"{daemon.url}/filesystem.Filesystem/Stat",
+            json={"path": "/"},
+            headers={
+                "E2b-Sandbox-Id": b.sandbox_id,
+                "E2b-Sandbox-Port": "49983",
+                "X-Access-Token": token_a,
+            },
+        )
+        assert refused.status_code == 401
     finally:
         for s in sandboxes:
             s.kill()
@@ -193,6 +207,46 @@ def test_run_code_draws_a_matplotlib_chart(daemon: Daemon) -> None:
         assert failed.error is not None and failed.error.name == "ZeroDivisionError"
     finally:
         sbx.kill()
+
+
+def test_fork_and_snapshot_copy_a_running_microvm(daemon: Daemon) -> None:
+    sbx = daemon.create(metadata={"origin": "lab"})
+    try:
+        sbx.files.write("/home/user/state.txt", "before the fork")
+        (fork,) = sbx.fork(count=1, timeout=600)
+        assert isinstance(fork, Sandbox) and fork.sandbox_id != sbx.sandbox_id
+        assert fork.files.read("/home/user/state.txt") == "before the fork"
+        fork.files.write("/home/user/state.txt", "changed in the fork")
+        assert sbx.files.read("/home/user/state.txt") == "before the fork"
+        assert fork.commands.run("hostname").stdout != sbx.commands.run("hostname").stdout
+        fork.kill()
+        snap = sbx.create_snapshot(name="lab-snap")
+        child = Sandbox.create(template="lab-snap", timeout=600, **daemon.sdk())
+        try:
+            assert child.files.read("/home/user/state.txt") == "before the fork"
+        finally:
+            child.kill()
+        assert Sandbox.delete_snapshot(snap.snapshot_id, **daemon.sdk())
+    finally:
+        sbx.kill()
+
+
+def test_timeout_expiry_list_filter_and_pty(daemon: Daemon) -> None:
+    sbx = daemon.create(metadata={"expiry": "soon"})
+    listed = Sandbox.list(query=SandboxQuery(metadata={"expiry": "soon"}), **daemon.sdk())
+    assert [s.sandbox_id for s in listed.next_items()] == [sbx.sandbox_id]
+    out = bytearray()
+    terminal = sbx.pty.create(PtySize(rows=24, cols=80), timeout=SDK_TIMEOUT)
+    sbx.pty.send_stdin(terminal.pid, b"echo pty-$((6 * 7)); exit\n")
+    terminal.wait(on_pty=out.extend)
+    assert b"pty-42" in out
+    sbx.set_timeout(2)
+    deadline = time.monotonic() + 60
+    while sbx.is_running() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not sbx.is_running()
+    with pytest.raises(SandboxException):
+        Sandbox.get_info(sbx.sandbox_id, **daemon.sdk())
 
 
 def test_unknown_template_is_a_clear_error(daemon: Daemon) -> None:
