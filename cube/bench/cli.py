@@ -29,3 +29,17 @@ def bench_net(
     typer.echo(egress.run())
     typer.echo(virtio_net.measure(rounds).table())
     typer.echo(virtio_net.measure(rounds, frame_bytes=65000, tso=True).table())
+
+
+@bench_app.command("api")
+def bench_api(
+    url: Annotated[str, typer.Option(help="A running `cube serve`")] = "http://127.0.0.1:3000",
+    key: Annotated[str, typer.Option(envvar="E2B_API_KEY", help="An API key")] = "",
+    template: Annotated[str, typer.Option(help="Template to create")] = "base",
+    creates: Annotated[int, typer.Option(min=1, help="Creates per concurrency level")] = 50,
+    concurrency: Annotated[list[int] | None, typer.Option(help="Levels (repeatable)")] = None,
+) -> None:
+    """Create latency (p50/p95/p99) and creates/s through a running `cube serve`."""
+    from cube.bench import api  # httpx comes with the test extra, not the daemon's deps
+
+    typer.echo(api.run(url, key, template, creates, concurrency or [1, 50]))
