@@ -68,7 +68,7 @@ test-lab: venv
 	$(PY) -m tests.lab.artifacts
 	$(CUBE) template build-defaults --rootfs-only
 	$(CUBE) lab build
-	$(CUBE) lab run --timeout $(LAB_TIMEOUT) -- python3 -m pytest -m lab tests/lab
+	$(CUBE) lab run --timeout $(LAB_TIMEOUT) -- python3 -u -m pytest -m lab tests/lab
 
 clean:
 	rm -rf $(VENV) build *.egg-info cube/vmm/_kvm*.so
