@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import time
 from collections.abc import Iterator
 
@@ -140,14 +139,22 @@ def test_killed_sandbox_is_not_running(daemon: Daemon) -> None:
 
 
 def test_any_guest_port_is_reachable(daemon: Daemon, sbx: Sandbox) -> None:
-    """A server the user starts in the sandbox, by header and by Host."""
-    with socket.socket() as probe:  # host mode: the sandbox's loopback is the host's
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    """A server the user starts in the sandbox, by header and by Host.
+
+    Host mode shares the host's loopback, so the server picks its own port: a port probed
+    here and freed could be taken by a warm-pool agent before the server binds it."""
     sbx.files.write("site/index.html", "hello from a user server")
     server = sbx.commands.run(
-        f"cd site && exec python3 -m http.server {port} --bind 127.0.0.1", background=True
+        "cd site && exec python3 -c 'import http.server as h, pathlib; "
+        's = h.ThreadingHTTPServer(("127.0.0.1", 0), h.SimpleHTTPRequestHandler); '
+        'pathlib.Path("../port").write_text(str(s.server_port)); s.serve_forever()\'',
+        background=True,
     )
+    deadline = time.monotonic() + 30
+    while not sbx.files.exists("port"):
+        assert time.monotonic() < deadline, "the server never wrote its port"
+        time.sleep(0.05)
+    port = int(sbx.files.read("port"))
     try:
         with httpx.Client(base_url=daemon.url) as client:
             deadline = time.monotonic() + 30
