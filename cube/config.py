@@ -24,6 +24,14 @@ Example (every key optional)::
     [limits]
     max_sandboxes_per_key = 100      # concurrent running sandboxes per API key
     max_body_bytes = 1048576         # control-plane request bodies (not proxied uploads)
+
+    [network]                        # sandbox networking (vmm backend; needs root)
+    enabled = true                   # false: sandboxes get no network at all
+    range4 = "10.20.0.0/16"          # one /30 per sandbox; must be unused on the host
+    range6 = "fd63:7562:6500::/64"   # one /126 per sandbox
+    uplink = "eth0"                  # NAT out of this interface (default: the default route's)
+    pool_size = 8                    # taps kept ready
+    dns_upstream = "192.0.2.53"      # where sandbox DNS goes (default: the host's resolver)
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from typing import Literal
 
 import msgspec
 
+from cube.net.manager import NetworkConfig
 from cube.pool.backend import Resources
 
 
@@ -52,6 +61,10 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_body_bytes: int = 1 << 20
 
 
+class NetworkSettings(NetworkConfig, frozen=True, forbid_unknown_fields=True):
+    enabled: bool = True
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     data_dir: str | None = None  # None: cube.paths.data_dir()
     listen: str = "127.0.0.1:3000"
@@ -62,6 +75,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pool: dict[str, int] = msgspec.field(default_factory=lambda: {"base": 1})
     sandbox: SandboxDefaults = SandboxDefaults()
     limits: Limits = Limits()
+    network: NetworkSettings = NetworkSettings()
 
 
 def load(path: Path | None) -> Config:

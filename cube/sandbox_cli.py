@@ -1,4 +1,4 @@
-"""`cube sandbox ls/kill/logs/exec`: operator commands against a running `cube serve`.
+"""`cube sandbox ls/kill/logs/net/exec`: operator commands against a running `cube serve`.
 
 They speak the daemon's own E2B API (stdlib HTTP, no SDK needed) with an API key from
 ``--api-key`` or ``E2B_API_KEY``; ``ls`` also shows sandboxes the daemon reports as lost, read
@@ -9,6 +9,7 @@ therefore uses the E2B SDK when it is installed.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -80,6 +81,29 @@ def logs_command(sandbox_id: str, url: Url = DEFAULT_URL, api_key: Key = "") -> 
     body, _ = _call(url, api_key, "GET", f"/v2/sandboxes/{urllib.parse.quote(sandbox_id)}/logs")
     for entry in body["logs"]:
         typer.echo(f"[{entry['fields'].get('source', '?')}] {entry['message']}")
+
+
+@sandbox_app.command("net")
+def net_command(sandbox_id: str, url: Url = DEFAULT_URL, api_key: Key = "") -> None:
+    """The sandbox's egress rules, filter counters and newest drops."""
+    quoted = urllib.parse.quote(sandbox_id)
+    detail, _ = _call(url, api_key, "GET", f"/sandboxes/{quoted}")
+    stats, _ = _call(url, api_key, "GET", f"/sandboxes/{quoted}/network")
+    network = detail.get("network") or {}
+    internet = detail.get("allowInternetAccess")
+    typer.echo(f"internet access: {'no' if internet is False else 'yes'}")
+    typer.echo(f"allow out: {', '.join(network.get('allowOut') or []) or '-'}")
+    typer.echo(f"deny out:  {', '.join(network.get('denyOut') or []) or '-'}")
+    typer.echo(f"bytes passed {stats['bytesPassed']}, dropped {stats['bytesDropped']}")
+    for reason, count in stats["packets"].items():
+        if count:
+            typer.echo(f"  {reason:24} {count} packets")
+    if stats["logLost"]:
+        typer.echo(f"({stats['logLost']} drops not logged: the log was full)")
+    for drop in stats["log"]:
+        when = time.strftime("%H:%M:%S", time.localtime(drop["time"]))
+        where = f"{drop['destination']}:{drop['port']}" if drop["port"] else drop["destination"]
+        typer.echo(f"{when} dropped {where} proto {drop['proto']} ({drop['reason']})")
 
 
 @sandbox_app.command("exec")

@@ -1,6 +1,12 @@
 """`cube serve`: the daemon. Wires the backend, templates, warm pool, lifecycle, API keys and
 the ASGI app together in one trio process and serves them with Hypercorn on one port.
 
+With the VMM backend and networking on (the default), the daemon also owns the host side of
+every sandbox's network (cube/net): it reconciles what a crashed predecessor left, installs
+NAT, keeps a pool of taps, and removes its nft table on the way out. That needs root
+(CAP_NET_ADMIN and CAP_BPF); `[network] enabled = false` runs without, and sandboxes then have
+no network at all, never an unfiltered one.
+
 Shutdown (SIGTERM or SIGINT) is graceful: Hypercorn stops accepting and lets requests finish
 (up to its graceful timeout), then every running sandbox is paused or killed as configured, so
 that the records on disk are final; the warm pool's spare sandboxes are freed last.
@@ -19,6 +25,7 @@ import hypercorn.trio
 import msgspec
 import trio
 import typer
+from pyroute2.netlink.exceptions import NetlinkError
 
 from cube import logjson, paths
 from cube.api.app import CubeApp
@@ -26,6 +33,7 @@ from cube.api.context import ApiContext
 from cube.api.prom import DaemonMetrics
 from cube.apikeys import ApiKeyStore
 from cube.config import Config, load
+from cube.net.manager import NetworkManager
 from cube.pool.backend import Backend, Image
 from cube.pool.catalog import Catalog, ChainCatalog, MemoryCatalog, TemplateInfo
 from cube.pool.process_backend import ProcessBackend, ProcessTemplate, write_template
@@ -69,6 +77,7 @@ async def run_daemon(
     backend: Backend,
     catalog: Catalog,
     *,
+    network: NetworkManager | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]],
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -87,7 +96,7 @@ async def run_daemon(
     if not any(not k.revoked for k in keys.records()):
         log.warning("no API keys yet: every request will get 401; run `cube apikey create`")
     records = RecordStore(data / "sandboxes")
-    sandboxes = Sandboxes(backend, templates, snapshots, pool, records, settings)
+    sandboxes = Sandboxes(backend, templates, snapshots, pool, records, settings, network)
     ctx = ApiContext(
         sandboxes=sandboxes,
         backend=backend,
@@ -129,21 +138,48 @@ async def _until_signal() -> None:
             return
 
 
-def _backend(config: Config) -> tuple[ProcessBackend | VmmBackend, Catalog]:
+def _network(config: Config) -> NetworkManager | None:
+    """The sandbox network, started (reconciled, NAT installed), or None when it is off."""
+    if config.backend != "vmm" or not config.network.enabled:
+        return None
+    try:
+        network = NetworkManager(config.network)
+        network.start()
+    except (OSError, RuntimeError, NetlinkError) as exc:  # NetworkError, NatError, BuildError
+        raise SystemExit(
+            f"cube serve: cannot set up sandbox networking: {exc}\n"
+            "It needs root (CAP_NET_ADMIN, CAP_BPF) and nftables; or set [network] "
+            "enabled = false in the config file to run sandboxes without a network."
+        ) from exc
+    return network
+
+
+def _backend(
+    config: Config, network: NetworkManager | None
+) -> tuple[ProcessBackend | VmmBackend, Catalog]:
     """`vmm` (the product: microVMs restored from the template store's snapshots) or
     `process` (the stand-in for development: agents as host processes, no isolation)."""
     data = data_dir_of(config)
     if config.backend == "vmm":
-        return VmmBackend(data / "vms"), TemplateStore(data / "templates")
+        return VmmBackend(data / "vms", network), TemplateStore(data / "templates")
     return ProcessBackend(data / "process-backend" / "sandboxes"), process_catalog(config)
 
 
 async def _serve(config: Config) -> None:
-    backend, catalog = _backend(config)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(backend.run)
-        await run_daemon(config, backend, catalog, shutdown_trigger=_until_signal)
-        nursery.cancel_scope.cancel()
+    network = _network(config)
+    backend, catalog = _backend(config, network)
+    try:
+        async with trio.open_nursery() as nursery:
+            if network is not None:
+                await nursery.start(network.maintain)
+            await nursery.start(backend.run)
+            await run_daemon(
+                config, backend, catalog, network=network, shutdown_trigger=_until_signal
+            )
+            nursery.cancel_scope.cancel()
+    finally:
+        if network is not None:
+            network.close()
 
 
 def serve_command(

@@ -200,10 +200,17 @@ def build_routes(ctx: ApiContext) -> Blueprint:
 
     @bp.put("/sandboxes/<sandbox_id>/network")
     async def update_network(sandbox_id: str) -> Response:
+        """The lists are replaced as given (an omitted list becomes empty); an omitted
+        allow_internet_access keeps the sandbox's current setting."""
         body = await _body(NetworkConfig)
         network = _network(body, body.allow_internet_access)
-        await sandboxes.update_network(sandbox_id, network or {})
+        await sandboxes.update_network(sandbox_id, network or {}, body.allow_internet_access)
         return _empty(NO_CONTENT)
+
+    @bp.get("/sandboxes/<sandbox_id>/network")
+    async def network_stats(sandbox_id: str) -> Response:
+        """Cube's own: the egress filter's counters and its newest drops (what, when, why)."""
+        return json_response(sandboxes.network_stats(sandbox_id))
 
     # ----- fork and snapshots -------------------------------------------------------------
 

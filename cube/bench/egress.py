@@ -111,9 +111,9 @@ def _setup_times(ns: str, count: int) -> dict[str, list[float]]:
             for _ in range(count):
                 await manager.fill_pool()  # what the daemon's maintain() does between creates
                 start = time.perf_counter()
-                await manager.allocate("bench", POLICY)
+                lease = await manager.allocate("bench", POLICY)
                 times[label].append(time.perf_counter() - start)
-                manager.release("bench")
+                manager.release(lease)
 
         try:
             trio.run(cycles)

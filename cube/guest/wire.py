@@ -55,12 +55,14 @@ RELAY_OK = b"OK\n"
 
 
 class NetConfig(msgspec.Struct, frozen=True, kw_only=True):
-    """eth0's address in CIDR form (``10.11.0.2/30``), its gateway and the DNS resolvers."""
+    """eth0's addresses in CIDR form (``10.11.0.2/30``), gateways, DNS resolvers and MAC."""
 
     address: str
     gateway: str
     dns: list[str] = []
     mac: str | None = None
+    address6: str | None = None
+    gateway6: str | None = None
 
 
 class Identity(msgspec.Struct, frozen=True, kw_only=True):

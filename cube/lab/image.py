@@ -40,9 +40,12 @@ PACKAGES = (
     "qemu-system-x86",
     "procps",
     "e2fsprogs",
-    # sandbox networking (NAT, egress rules) is tested inside L1
+    # sandbox networking (NAT, egress rules) is tested inside L1; the egress classifier is
+    # compiled there by L1's own clang, as on any Cube host (cube/net/build.py)
     "nftables",
     "iptables",
+    "clang",
+    "libbpf-dev",
     # the E2B SDK's HTTP client (reqwest) refuses to start without system CA certificates
     "ca-certificates",
 )

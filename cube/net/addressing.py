@@ -14,9 +14,20 @@ from collections import deque
 
 import msgspec
 
+from cube.guest.wire import NetConfig
+
 V4_SLOT_PREFIX = 30
 V6_SLOT_PREFIX = 126
 MAX_SLOTS = 65536  # the MAC has room for 3 bytes of slot number; names stay under IFNAMSIZ
+
+
+class Lease(msgspec.Struct, frozen=True, kw_only=True):
+    """One slot, as a VM uses it: the tap to attach to and what its guest configures on eth0.
+    A slot's addresses are fixed, so this is known before any sandbox is assigned to it."""
+
+    tap: str
+    mac: str
+    guest: NetConfig
 
 
 class SlotAddresses(msgspec.Struct, frozen=True, kw_only=True):
@@ -27,6 +38,21 @@ class SlotAddresses(msgspec.Struct, frozen=True, kw_only=True):
     guest4: ipaddress.IPv4Address
     gateway6: ipaddress.IPv6Address
     guest6: ipaddress.IPv6Address
+
+    def lease(self) -> Lease:
+        """The slot's guest side; the gateways are its resolvers too (dns.py)."""
+        return Lease(
+            tap=self.tap,
+            mac=self.mac,
+            guest=NetConfig(
+                address=f"{self.guest4}/{V4_SLOT_PREFIX}",
+                gateway=str(self.gateway4),
+                dns=[str(self.gateway4)],
+                mac=self.mac,
+                address6=f"{self.guest6}/{V6_SLOT_PREFIX}",
+                gateway6=str(self.gateway6),
+            ),
+        )
 
 
 class AddressError(ValueError):

@@ -73,7 +73,7 @@ def config_for(slot: SlotAddresses, internet: bool) -> FilterConfig:
     )
 
 
-class Drop(msgspec.Struct, frozen=True, kw_only=True):
+class Drop(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """One entry of the decision log: a frame the filter dropped, when and why."""
 
     time: float  # Unix seconds

@@ -5,21 +5,24 @@ Life of a sandbox's network:
   on forwarding; `fill_pool()` (or `maintain()`) then builds the pool. A pooled slot is a tap
   with its gateway addresses, permanent neighbour entries and an attached filter that drops
   everything.
-- `allocate()` takes a pooled slot (or builds one if the pool is empty), validates the policy
-  and hands the filter to the sandbox: its identity (MAC, addresses) and rules go into the maps.
+- `lease()` takes a pooled slot (or builds one if the pool is empty) for a VM to attach to; its
+  filter still drops everything, so a VM restored ahead of demand (the warm pool) has no
+  network until `assign()` validates the sandbox's policy and hands the filter to it: its
+  identity (MAC, addresses) and rules go into the maps. `allocate()` does both at once.
 - `update_policy()` edits the maps in place; the change applies to the next packet.
-- `release()` gives the slot's tap a brand-new filter (attached before the old one is closed,
-  so the tap is never unfiltered), closes the old one (detaching it, freeing program and maps)
-  and puts the slot back at the end of the pool, marked as still having the old sandbox's
-  conntrack entries; those are deleted (conntrack.py) before the slot is handed out again,
-  for all such slots in one table walk, usually by `maintain` ahead of time. Program,
-  maps, counters and log are never reused, so nothing a sandbox did to them reaches the next
-  one; only the tap and its fixed per-slot addresses are. A tap that still has a carrier (some
-  process still holds it open, e.g. a VMM that was not stopped) is deleted instead: that fd
-  must not end up speaking for the next sandbox. Taps beyond the pool size are deleted too.
+- `release()` (once the VM holding the lease has stopped) gives the slot's tap a brand-new
+  filter (attached before the old one is closed, so the tap is never unfiltered), closes the
+  old one (detaching it, freeing program and maps) and puts the slot back at the end of the
+  pool, marked as still having the old sandbox's conntrack entries; those are deleted
+  (conntrack.py) before the slot is handed out again, for all such slots in one table walk,
+  usually by `maintain` ahead of time. Program, maps, counters and log are never reused, so
+  nothing a sandbox did to them reaches the next one; only the tap and its fixed per-slot
+  addresses are. A tap that still has a carrier (some process still holds it open, e.g. a VMM
+  that was not stopped) is deleted instead: that fd must not end up speaking for the next
+  sandbox. Taps beyond the pool size are deleted too.
 - `maintain()` runs in the daemon's nursery: refills the pool, expires DNS pins, moves drop
   events from the ring buffers into the bounded per-sandbox logs, and hosts each sandbox's DNS
-  resolver (dns.py) on its gateway. Sandboxes allocated while it is not running get no resolver.
+  resolver (dns.py) on its gateway. Sandboxes assigned while it is not running get no resolver.
 
 Nothing is pinned in bpffs and the nft rules match taps by name, so after a crash the only
 leftovers are taps, with their clsact filters still attached and dropping (fail closed), and
@@ -39,9 +42,8 @@ import trio
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cube.guest.wire import NetConfig
 from cube.net import conntrack, layout, nat, netns, tap
-from cube.net.addressing import V4_SLOT_PREFIX, V6_SLOT_PREFIX, AddressPlan, SlotAddresses
+from cube.net.addressing import AddressPlan, Lease, SlotAddresses
 from cube.net.build import object_path
 from cube.net.dns import SandboxResolver, host_resolver
 from cube.net.filter import Drop, EgressFilter, config_for
@@ -66,18 +68,7 @@ class NetworkConfig(msgspec.Struct, frozen=True, kw_only=True):
     dns_upstream: str | None = None  # IP of the resolver to forward to; None: the host's own
 
 
-class SandboxNetwork(msgspec.Struct, frozen=True, kw_only=True):
-    """What the VMM and the guest agent need: the tap to open, the guest's MAC and addresses."""
-
-    sandbox_id: str
-    tap: str
-    mac: str
-    guest: NetConfig  # IPv4 (the wire format has no IPv6 fields yet)
-    address6: str  # guest's IPv6 in CIDR form
-    gateway6: str
-
-
-class NetStats(msgspec.Struct, frozen=True, kw_only=True):
+class NetStats(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """Counters since allocation (packets per Reason name, bytes) and the newest drops."""
 
     packets: dict[str, int]
@@ -98,9 +89,10 @@ class _Slot(msgspec.Struct, kw_only=True):
     stale_flows: bool = False  # conntrack may still hold the previous sandbox's flows
 
 
-class _Sandbox(msgspec.Struct, kw_only=True):
+class _Leased(msgspec.Struct, kw_only=True):
     slot: _Slot
-    rules: RuleSet
+    sandbox_id: str | None = None  # with rules, once assigned
+    rules: RuleSet | None = None
     resolver: SandboxResolver | None = None
 
 
@@ -113,7 +105,8 @@ class NetworkManager:
         self._plan = AddressPlan(self.config.range4, self.config.range6, self.config.prefix)
         self._object: Path = object_path()
         self._pool: deque[_Slot] = deque()  # oldest first: addresses are reused late
-        self._sandboxes: dict[str, _Sandbox] = {}
+        self._leases: dict[str, _Leased] = {}  # by tap name
+        self._assigned: dict[str, _Leased] = {}  # by sandbox id
         self._refill = trio.Event()
         self._nursery: trio.Nursery | None = None  # maintain()'s, where resolvers run
         with netns.entered(ns), IPRoute() as ipr:
@@ -135,20 +128,20 @@ class NetworkManager:
         is safe. Programs and maps need nothing: they are never pinned, a TCX link dies with the
         fds of the process that made it, and a clsact filter dies with its tap.
         """
-        held = {s.addresses.tap for s in self._pool} | {
-            s.slot.addresses.tap for s in self._sandboxes.values()
-        }
+        held = {s.addresses.tap for s in self._pool} | set(self._leases)
         with netns.entered(self.ns), IPRoute() as ipr:
             for name in tap.cube_taps(ipr, self.config.prefix):
                 if name not in held:
                     tap.delete(ipr, name)
+            for name in tap.stale_build_taps(ipr):
+                tap.delete(ipr, name)
         if not held:
             nat.remove(self.ns)
 
     def close(self) -> None:
-        """Release every sandbox, empty the pool and remove the nft table."""
-        for sandbox_id in list(self._sandboxes):
-            self.release(sandbox_id)
+        """Release every lease, empty the pool and remove the nft table."""
+        for leased in list(self._leases.values()):
+            self._release(leased)
         while self._pool:
             self._destroy(self._pool.pop())
         nat.remove(self.ns)
@@ -188,7 +181,7 @@ class NetworkManager:
             blocked = self._blocklist(ipr)
         if blocked == self._blocked:
             return
-        filters = [s.filter for s in self._pool] + [s.slot.filter for s in self._sandboxes.values()]
+        filters = [s.filter for s in self._pool] + [s.slot.filter for s in self._leases.values()]
         for flt in filters:
             flt.add("block", blocked - self._blocked)
         for flt in filters:
@@ -231,61 +224,63 @@ class NetworkManager:
 
     # -- per sandbox ------------------------------------------------------------------------
 
-    async def allocate(self, sandbox_id: str, policy: EgressPolicy) -> SandboxNetwork:
-        """Give `sandbox_id` a tap, addresses and its egress rules (PolicyError if invalid)."""
-        if sandbox_id in self._sandboxes:
-            raise NetworkError(f"sandbox {sandbox_id} already has a network")
-        compiled = compile_policy(policy)
+    async def lease(self) -> Lease:
+        """A slot for a VM to attach to; it passes nothing until `assign`."""
         if self._pool and self._pool[0].stale_flows:
             self._forget_stale_flows()
         slot = self._pool.popleft() if self._pool else await self._new_slot()
         self._refill.set()
         a = slot.addresses
-        try:
-            if sandbox_id in self._sandboxes:  # a concurrent allocate won while we waited
-                raise NetworkError(f"sandbox {sandbox_id} already has a network")
-            rules = RuleSet(slot.filter, config_for(a, compiled.internet), compiled)
-        except BaseException:
-            self._destroy(slot)
-            raise
-        sandbox = self._sandboxes[sandbox_id] = _Sandbox(slot=slot, rules=rules)
-        if self._nursery is not None:
-            try:
-                await self._start_resolver(sandbox)
-            except BaseException:
-                self.release(sandbox_id)
-                raise
-        return SandboxNetwork(
-            sandbox_id=sandbox_id,
-            tap=a.tap,
-            mac=a.mac,
-            guest=NetConfig(
-                address=f"{a.guest4}/{V4_SLOT_PREFIX}",
-                gateway=str(a.gateway4),
-                dns=[str(a.gateway4)],
-                mac=a.mac,
-            ),
-            address6=f"{a.guest6}/{V6_SLOT_PREFIX}",
-            gateway6=str(a.gateway6),
-        )
+        self._leases[a.tap] = _Leased(slot=slot)
+        return a.lease()
 
-    def _get(self, sandbox_id: str) -> _Sandbox:
+    async def assign(self, lease: Lease, sandbox_id: str, policy: EgressPolicy) -> None:
+        """Open `lease`'s filter to `sandbox_id` under `policy` (PolicyError if invalid) and
+        start its DNS resolver; from here the sandbox's rules apply to every packet."""
+        compiled = compile_policy(policy)
+        leased = self._leases.get(lease.tap)
+        if leased is None or leased.sandbox_id is not None:
+            raise NetworkError(f"tap {lease.tap} is not leased or is assigned already")
+        if sandbox_id in self._assigned:
+            raise NetworkError(f"sandbox {sandbox_id} already has a network")
+        slot = leased.slot
+        leased.rules = RuleSet(slot.filter, config_for(slot.addresses, compiled.internet), compiled)
+        leased.sandbox_id = sandbox_id
+        self._assigned[sandbox_id] = leased
+        if self._nursery is not None:
+            await self._start_resolver(leased)
+
+    async def allocate(self, sandbox_id: str, policy: EgressPolicy) -> Lease:
+        """`lease` and `assign` in one step, for a tap that is not attached to a VM yet."""
+        compile_policy(policy)  # refuse a bad policy before taking a slot
+        lease = await self.lease()
         try:
-            return self._sandboxes[sandbox_id]
-        except KeyError:
-            raise NetworkError(f"sandbox {sandbox_id} has no network") from None
+            await self.assign(lease, sandbox_id, policy)
+        except BaseException:
+            self.release(lease)
+            raise
+        return lease
+
+    def _get(self, sandbox_id: str) -> tuple[_Slot, RuleSet]:
+        leased = self._assigned.get(sandbox_id)
+        if leased is None or leased.rules is None:
+            raise NetworkError(f"sandbox {sandbox_id} has no network")
+        return leased.slot, leased.rules
+
+    def has_network(self, sandbox_id: str) -> bool:
+        return sandbox_id in self._assigned
 
     def update_policy(self, sandbox_id: str, policy: EgressPolicy) -> None:
         """Replace the sandbox's rules (PUT /sandboxes/{id}/network); effective at once."""
         compiled = compile_policy(policy)
-        self._get(sandbox_id).rules.replace(compiled)
+        self._get(sandbox_id)[1].replace(compiled)
 
     def rules(self, sandbox_id: str) -> RuleSet:
         """The sandbox's rule set (the DNS resolver pins answers through it)."""
-        return self._get(sandbox_id).rules
+        return self._get(sandbox_id)[1]
 
     def stats(self, sandbox_id: str) -> NetStats:
-        flt = self._get(sandbox_id).slot.filter
+        flt = self._get(sandbox_id)[0].filter
         flt.drain_log()
         counts = flt.counters()
         return NetStats(
@@ -296,14 +291,19 @@ class NetworkManager:
             log=list(flt.log),
         )
 
-    def release(self, sandbox_id: str) -> None:
-        """Take the sandbox's network away for good (no-op for an unknown id); see module doc."""
-        sandbox = self._sandboxes.pop(sandbox_id, None)
-        if sandbox is None:
-            return
-        if sandbox.resolver is not None:
-            sandbox.resolver.close()
-        slot = sandbox.slot
+    def release(self, lease: Lease) -> None:
+        """Take the lease back for good (no-op if it was released already); see module doc."""
+        leased = self._leases.get(lease.tap)
+        if leased is not None:
+            self._release(leased)
+
+    def _release(self, leased: _Leased) -> None:
+        slot = leased.slot
+        del self._leases[slot.addresses.tap]
+        if leased.sandbox_id is not None:
+            del self._assigned[leased.sandbox_id]
+        if leased.resolver is not None:
+            leased.resolver.close()
         with netns.entered(self.ns), IPRoute() as ipr:
             try:
                 busy = ipr.get_links(slot.ifindex)[0].get_attr("IFLA_CARRIER")
@@ -330,23 +330,24 @@ class NetworkManager:
             for slot in stale:
                 slot.stale_flows = False
 
-    async def _start_resolver(self, sandbox: _Sandbox) -> None:
-        assert self._nursery is not None
-        a = sandbox.slot.addresses
+    async def _start_resolver(self, leased: _Leased) -> None:
+        assert self._nursery is not None and leased.rules is not None
+        a = leased.slot.addresses
         upstream = (self.config.dns_upstream, 53) if self.config.dns_upstream else host_resolver()
         resolver = SandboxResolver(
-            self.ns, [str(a.gateway4), str(a.gateway6)], upstream, sandbox.rules
+            self.ns, [str(a.gateway4), str(a.gateway6)], upstream, leased.rules
         )
         await self._nursery.start(resolver.serve)
-        sandbox.resolver = resolver
+        leased.resolver = resolver
 
     async def _tick(self) -> None:
         """One round of upkeep. A failure (no address left, a netlink error) is logged and
         retried next round: it must not take the daemon, or other sandboxes' DNS, down."""
         try:
-            for sandbox in self._sandboxes.values():
-                sandbox.slot.filter.drain_log()
-                sandbox.rules.expire()
+            for leased in self._assigned.values():
+                leased.slot.filter.drain_log()
+                if leased.rules is not None:
+                    leased.rules.expire()
             self.refresh_blocklist()
             await self.fill_pool()
         except Exception:
@@ -360,8 +361,8 @@ class NetworkManager:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
-                for sandbox in self._sandboxes.values():
-                    await self._start_resolver(sandbox)
+                for leased in self._assigned.values():
+                    await self._start_resolver(leased)
                 task_status.started()
                 while True:
                     with trio.move_on_after(MAINTAIN_INTERVAL):
@@ -370,10 +371,10 @@ class NetworkManager:
                     await self._tick()
             finally:
                 self._nursery = None
-                for sandbox in self._sandboxes.values():
-                    if sandbox.resolver is not None:
-                        sandbox.resolver.close()
-                        sandbox.resolver = None
+                for leased in self._assigned.values():
+                    if leased.resolver is not None:
+                        leased.resolver.close()
+                        leased.resolver = None
 
 
 def _collapse(nets: frozenset[IPNetwork]) -> frozenset[IPNetwork]:

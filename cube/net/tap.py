@@ -13,6 +13,8 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pyroute2 import IPRoute
 
@@ -25,6 +27,8 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TAP_FLAGS = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
 NUD_PERMANENT = 0x80
+BUILD_PREFIX = "cubeb"  # + the building process's pid; never matches `cube_taps`
+BUILD_MAC = "02:63:62:ff:ff:ff"  # outside the slots' MACs; each clone sets its own
 
 
 def open_tap(name: str, flags: int = TAP_FLAGS) -> int:
@@ -38,13 +42,17 @@ def open_tap(name: str, flags: int = TAP_FLAGS) -> int:
     return fd
 
 
-def create(ipr: IPRoute, addr: SlotAddresses) -> int:
-    """Create the tap for `addr`'s slot, address and bring it up; returns its ifindex."""
-    fd = open_tap(addr.tap)
+def _persist(name: str) -> None:
+    fd = open_tap(name)
     try:
         fcntl.ioctl(fd, TUNSETPERSIST, 1)
     finally:
         os.close(fd)
+
+
+def create(ipr: IPRoute, addr: SlotAddresses) -> int:
+    """Create the tap for `addr`'s slot, address and bring it up; returns its ifindex."""
+    _persist(addr.tap)
     (index,) = ipr.link_lookup(ifname=addr.tap)
     ipr.addr("add", index=index, address=str(addr.gateway4), prefixlen=V4_SLOT_PREFIX)
     ipr.addr(
@@ -71,5 +79,32 @@ def cube_taps(ipr: IPRoute, prefix: str) -> list[str]:
         info = link.get_attr("IFLA_LINKINFO")
         kind = info.get_attr("IFLA_INFO_KIND") if info else None
         if kind == "tun" and name.startswith(prefix) and name[len(prefix) :].isdigit():
+            names.append(name)
+    return names
+
+
+@contextmanager
+def unconnected() -> Iterator[str]:
+    """A tap for a template build's VM: the template needs its network device, but the build
+    has no network. The tap has no address and stays down, so the guest's frames (none: eth0
+    is configured only on a clone's identity refresh) go nowhere. Deleted on exit, and by
+    `stale_build_taps` if the builder dies first."""
+    name = f"{BUILD_PREFIX}{os.getpid()}"
+    with IPRoute() as ipr:
+        delete(ipr, name)  # a leftover of an earlier build by a process with our pid
+        _persist(name)
+        try:
+            yield name
+        finally:
+            delete(ipr, name)
+
+
+def stale_build_taps(ipr: IPRoute) -> list[str]:
+    """Build taps whose building process is gone."""
+    names = []
+    for link in ipr.get_links():
+        name = link.get_attr("IFLA_IFNAME")
+        pid = name[len(BUILD_PREFIX) :]
+        if name.startswith(BUILD_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             names.append(name)
     return names

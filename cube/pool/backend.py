@@ -21,6 +21,7 @@ import msgspec
 import trio
 
 from cube.guest.wire import ControlRequest, Reply
+from cube.net.addressing import Lease
 
 
 class Resources(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,6 +59,12 @@ class Instance(Protocol):
 
     @property
     def resources(self) -> Resources: ...
+
+    @property
+    def network(self) -> Lease | None:
+        """The network slot the sandbox is attached to, closed until the daemon assigns it;
+        None when the sandbox has no network device of its own."""
+        ...
 
 
 class Backend(Protocol):

@@ -13,7 +13,7 @@ import time
 
 import trio
 
-from cube.guest.wire import Identity, Refresh, Reply
+from cube.guest.wire import Identity, NetConfig, Refresh, Reply
 from cube.pool.backend import Backend, BackendError, Instance
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -30,7 +30,12 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-def identity_for(sandbox_id: str, access_token: str, env_vars: dict[str, str]) -> Identity:
+def identity_for(
+    sandbox_id: str,
+    access_token: str,
+    env_vars: dict[str, str],
+    network: NetConfig | None = None,
+) -> Identity:
     """The Identity a sandbox should have right now (clock and RNG seed are taken fresh)."""
     return Identity(
         sandbox_id=sandbox_id,
@@ -40,6 +45,7 @@ def identity_for(sandbox_id: str, access_token: str, env_vars: dict[str, str]) -
         rng_seed=secrets.token_bytes(64),
         access_token=access_token,
         env_vars=env_vars,
+        network=network,
     )
 
 

@@ -100,6 +100,12 @@ class ProcessInstance:
     def name(self) -> str:
         return f"agent-pid-{self.processes[0].pid}" if self.processes else "agent-starting"
 
+    @property
+    def network(self) -> None:
+        """Agents share the host's network: there is no slot, and egress rules are stored but
+        not enforced (this backend isolates nothing; it stands in for development)."""
+        return None
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -18,11 +18,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import msgspec
 import trio
 
-from cube.guest.wire import GetLogs, GetMetrics, Metrics, Prepare
+from cube.guest.wire import GetLogs, GetMetrics, Metrics, Prepare, Reply
+from cube.net.manager import NetStats, NetworkError, NetworkManager
+from cube.net.policy import EgressPolicy, PolicyError
 from cube.pool.backend import Backend, BackendError, Instance
 from cube.pool.catalog import Catalog
 from cube.pool.identity import identity_for, new_id, new_token, push_identity
@@ -81,6 +85,18 @@ def _detach(sandbox: Sandbox) -> Instance | None:
     return instance
 
 
+def egress_policy(internet: bool | None, network: dict[str, object] | None) -> EgressPolicy:
+    """A sandbox's rules as the network layer takes them, from its ``allow_internet_access``
+    (unset means allowed, as in E2B) and ``network`` (the API's validated
+    SandboxNetworkConfig JSON)."""
+    lists = network or {}
+    return EgressPolicy(
+        allow_internet_access=internet is not False,
+        allow_out=tuple(map(str, lists.get("allowOut") or ())),  # type: ignore[call-overload]
+        deny_out=tuple(map(str, lists.get("denyOut") or ())),  # type: ignore[call-overload]
+    )
+
+
 class Sandboxes:
     def __init__(
         self,
@@ -90,8 +106,10 @@ class Sandboxes:
         pool: WarmPool,
         records: RecordStore,
         settings: Settings,
+        network: NetworkManager | None = None,
     ) -> None:
         self._backend = backend
+        self._network = network
         self._catalog = catalog
         self.snapshots = snapshots
         self._pool = pool
@@ -261,9 +279,11 @@ class Sandboxes:
         timeout = self._timeout(spec.timeout)
         with self._reserve(owner, limit):
             sandbox_id, token = new_id(), new_token()
-            identity = identity_for(sandbox_id, token, spec.env_vars)
+            egress = egress_policy(spec.allow_internet_access, spec.network)
+            adopt = partial(self._adopt, sandbox_id=sandbox_id, token=token,
+                            env_vars=spec.env_vars, egress=egress)  # fmt: skip
             try:
-                instance, reply = await self._pool.take(info.image, identity)
+                instance, reply = await self._pool.take(info.image, adopt)
             except BackendError as exc:
                 raise LifecycleError(500, f"failed to start sandbox: {exc}") from exc
             now = time.time()
@@ -288,6 +308,45 @@ class Sandboxes:
             )
             with trio.CancelScope(shield=True):
                 return await self._register(record, instance)
+
+    async def _adopt(
+        self,
+        instance: Instance,
+        *,
+        sandbox_id: str,
+        token: str,
+        env_vars: dict[str, str],
+        egress: EgressPolicy,
+    ) -> Reply:
+        """Make a started, resumed or forked sandbox ``sandbox_id``: open its network slot
+        under ``egress``, then push the identity (with eth0's addresses). A sandbox that fails
+        either is killed (so its slot goes back) and BackendError raised."""
+        lease = instance.network
+        if lease is not None and self._network is not None:
+            try:
+                await self._network.assign(lease, sandbox_id, egress)
+            except BaseException as exc:
+                with trio.CancelScope(shield=True):
+                    await self._backend.kill(instance)
+                if isinstance(exc, (NetworkError, PolicyError)):
+                    raise BackendError(f"cannot give the sandbox its network: {exc}") from exc
+                raise
+        network = lease.guest if lease is not None else None
+        identity = identity_for(sandbox_id, token, env_vars, network)
+        return await push_identity(self._backend, instance, identity)
+
+    @staticmethod
+    def _who(
+        record: SandboxRecord, sandbox_id: str | None = None, token: str | None = None
+    ) -> dict[str, Any]:
+        """``_adopt``'s arguments for ``record``'s sandbox, or for a fork of it that gets its
+        own id and token."""
+        return {
+            "sandbox_id": sandbox_id or record.sandbox_id,
+            "token": token or record.access_token,
+            "env_vars": record.env_vars,
+            "egress": egress_policy(record.allow_internet_access, record.network),
+        }
 
     async def _register(self, record: SandboxRecord, instance: Instance) -> Sandbox:
         sandbox = Sandbox(record, instance)
@@ -354,12 +413,33 @@ class Sandboxes:
             await self._records.save(sandbox.record)
             self._schedule(sandbox)
 
-    async def update_network(self, sandbox_id: str, network: dict[str, object]) -> None:
-        """Stored with the sandbox; enforced once the network layer reads it."""
+    async def update_network(
+        self, sandbox_id: str, network: dict[str, object], internet: bool | None
+    ) -> None:
+        """Replace the sandbox's allow/deny lists (``internet`` None keeps its
+        ``allow_internet_access``). A running sandbox's filter follows at once; a paused one
+        gets the new rules when it resumes."""
         sandbox = self.get(sandbox_id)
         async with sandbox.lock:
-            sandbox.record.network = network
-            await self._records.save(sandbox.record)
+            record = sandbox.record
+            record.network = network
+            if internet is not None:
+                record.allow_internet_access = internet
+            await self._records.save(record)
+            if self._network is not None and self._network.has_network(sandbox_id):
+                policy = egress_policy(record.allow_internet_access, record.network)
+                try:
+                    self._network.update_policy(sandbox_id, policy)
+                except (NetworkError, PolicyError) as exc:
+                    raise LifecycleError(400, str(exc)) from exc
+
+    def network_stats(self, sandbox_id: str) -> NetStats:
+        """Counters and recent drops of a running sandbox's egress filter."""
+        sandbox = self.get(sandbox_id)
+        if self._network is None or not self._network.has_network(sandbox_id):
+            state = "is paused" if sandbox.record.state == "paused" else "has no network"
+            raise LifecycleError(409, f"sandbox {sandbox_id} {state}")
+        return self._network.stats(sandbox_id)
 
     # ----- pause, resume, connect -----------------------------------------------------------
 
@@ -447,9 +527,8 @@ class Sandboxes:
                 instance = await self._backend.resume(folder)
             except BackendError as exc:
                 raise LifecycleError(500, f"failed to resume sandbox: {exc}") from exc
-            identity = identity_for(record.sandbox_id, record.access_token, record.env_vars)
             try:
-                await push_identity(self._backend, instance, identity)
+                await self._adopt(instance, **self._who(record))
             except BackendError as exc:
                 raise LifecycleError(500, f"resumed sandbox did not answer: {exc}") from exc
             sandbox.instance = instance
@@ -488,9 +567,8 @@ class Sandboxes:
         self, source: SandboxRecord, instance: Instance, timeout: int, owner: str
     ) -> Sandbox | LifecycleError:
         sandbox_id, token = new_id(), new_token()
-        identity = identity_for(sandbox_id, token, source.env_vars)
         try:
-            await push_identity(self._backend, instance, identity)
+            await self._adopt(instance, **self._who(source, sandbox_id, token))
         except BackendError as exc:
             return LifecycleError(500, f"fork did not take its identity: {exc}")
         now = time.time()

@@ -10,6 +10,11 @@
    first passes. Every wait has a deadline, and a failure quotes the guest console's tail.
 4. Prepare (the agent syncs its filesystems), pause, save the snapshot into the template
    folder, stop the VM: status ready, with the envd version the agent reported.
+
+The VM has a virtio-net device on an unconnected tap (cube.net.tap.unconnected): devices
+cannot be added to a snapshot later, and every clone attaches the device to a tap of its own.
+The build itself has no network. Where taps cannot be made (not root), the template is built
+without the device, and its sandboxes have no network at all.
 """
 
 from __future__ import annotations
@@ -18,14 +23,17 @@ import os
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import trio
+from pyroute2.netlink.exceptions import NetlinkError
 
 from cube import artifacts
 from cube.guest import wire
 from cube.guest.init import READY_MARKER
 from cube.guestkernel import build_kernel, find_kernel, kernel_key
+from cube.net import tap
 from cube.pool import rootfs
 from cube.pool.agent_link import control_call
 from cube.pool.backend import BackendError
@@ -39,7 +47,7 @@ from cube.pool.rootfs_cache import (
 )
 from cube.pool.template import ROOTFS_FILE, Template, TemplateError, TemplateStore
 from cube.vmm import probe
-from cube.vmm.vm import DiskConfig, MicroVm, VmConfig
+from cube.vmm.vm import DiskConfig, MicroVm, NetConfig, VmConfig
 
 BOOT_TIMEOUT = 600.0  # first boot of Python services under nested TCG takes minutes
 PING_INTERVAL = 0.5
@@ -125,21 +133,27 @@ def snapshot_template(template: Template, log: BuildLog) -> str:
     kernel = find_kernel() or build_kernel()
     work = Path(template.snapshot).with_name("work")
     work.mkdir()
-    config = VmConfig(
-        kernel=kernel, cmdline=GUEST_CMDLINE, vcpus=template.cpus,
-        memory_mib=template.memory_mb,
-        disks=(DiskConfig(base=Path(template.rootfs), overlay=work / "boot.overlay"),),
-    )  # fmt: skip
-    console = GuestConsole(log)
-    log.step(f"booting {kernel} with {template.cpus} vCPUs, {template.memory_mb} MiB")
-    vm = MicroVm.boot(config, console=console)
-    try:
-        return trio.run(_drive, vm, template, console, work, log)
-    except BaseExceptionGroup as group:  # the nursery's: the error inside says what happened
-        raise _first_error(group) from None
-    finally:
-        vm.close()
-        shutil.rmtree(work, ignore_errors=True)
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        try:
+            net = NetConfig(tap=stack.enter_context(tap.unconnected()), mac=tap.BUILD_MAC)
+        except (OSError, NetlinkError) as exc:
+            log.step(f"no network device: cannot make a tap ({exc}); sandboxes get no network")
+            net = None
+        config = VmConfig(
+            kernel=kernel, cmdline=GUEST_CMDLINE, vcpus=template.cpus,
+            memory_mib=template.memory_mb,
+            disks=(DiskConfig(base=Path(template.rootfs), overlay=work / "boot.overlay"),),
+            net=net,
+        )  # fmt: skip
+        console = GuestConsole(log)
+        log.step(f"booting {kernel} with {template.cpus} vCPUs, {template.memory_mb} MiB")
+        vm = MicroVm.boot(config, console=console)
+        stack.callback(vm.close)
+        try:
+            return trio.run(_drive, vm, template, console, work, log)
+        except BaseExceptionGroup as group:  # the nursery's: the error inside says what happened
+            raise _first_error(group) from None
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

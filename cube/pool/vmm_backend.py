@@ -10,6 +10,13 @@ Pause writes a diff snapshot against the template (the clone's private pages, de
 disk overlay), so its cost follows dirty memory rather than RAM size, then frees the VM. Fork
 and snapshot write the same kind of diff and let the source carry on.
 
+Networking: when the daemon has a NetworkManager, every restore leases a slot first and the VM
+attaches to its tap; the slot's filter drops everything until the daemon assigns the lease to
+a sandbox (`Sandboxes`, with the sandbox's egress policy). The lease is the VM's for its whole
+life and goes back only once the VM has stopped and closed the tap, so a recycled tap never
+speaks for a VM that is still running. A snapshot made without a network device (a template
+built before networking, or with it off) restores without one; its lease is returned at once.
+
 Threads: restores, pauses and snapshot writes are ioctls and file I/O that take milliseconds,
 so they run in worker threads (`trio.to_thread`), never on the trio loop; concurrent creates
 therefore restore in parallel. Each VM's `run()` is a task in this backend's nursery.
@@ -26,6 +33,8 @@ from pathlib import Path
 import trio
 
 from cube.guest.wire import CONTROL_PORT, RELAY_PORT, ControlRequest, Reply
+from cube.net.addressing import Lease
+from cube.net.manager import NetworkManager
 from cube.pool.agent_link import control_call, relay_handshake, wait_answering
 from cube.pool.backend import BackendError, Image, Resources, start_all
 from cube.pool.identity import new_id
@@ -44,6 +53,7 @@ class VmInstance:
     vm: MicroVm
     workdir: Path
     resources: Resources
+    network: Lease | None
     dead: trio.Event = field(default_factory=trio.Event)
     death: str = ""
     stopped: trio.Event = field(default_factory=trio.Event)
@@ -54,8 +64,9 @@ class VmInstance:
 
 
 class VmmBackend:
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, network: NetworkManager | None = None) -> None:
         self._work_dir = work_dir
+        self._network = network
         self._nursery: trio.Nursery | None = None
         self._instances: set[VmInstance] = set()
 
@@ -80,12 +91,20 @@ class VmmBackend:
         assert self._nursery is not None, "VmmBackend.run is not running"
         workdir = self._work_dir / new_id(12)
         workdir.mkdir(mode=0o700)
+        lease = await self._network.lease() if self._network is not None else None
+        tap = lease.tap if lease is not None else None
         try:
-            vm = await trio.to_thread.run_sync(MicroVm.restore, folder, workdir)
+            vm = await trio.to_thread.run_sync(
+                partial(MicroVm.restore, folder, workdir, net_tap=tap)
+            )
         except (OSError, SnapshotError, VmError) as exc:
+            self._give_back(lease)
             shutil.rmtree(workdir, ignore_errors=True)
             raise BackendError(f"cannot restore {folder.name}: {exc}") from exc
-        instance = VmInstance(vm, workdir, resources or _resources_of(vm))
+        if vm.net is None:
+            self._give_back(lease)
+            lease = None
+        instance = VmInstance(vm, workdir, resources or _resources_of(vm), lease)
         self._instances.add(instance)
         self._nursery.start_soon(self._run_vm, instance)
         try:
@@ -107,9 +126,15 @@ class VmmBackend:
             instance.dead.set()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(instance.vm.close)
+                self._give_back(instance.network)
                 shutil.rmtree(instance.workdir, ignore_errors=True)
                 self._instances.discard(instance)
                 instance.stopped.set()
+
+    def _give_back(self, lease: Lease | None) -> None:
+        """Return a lease whose VM never started or has closed its tap."""
+        if lease is not None and self._network is not None:
+            self._network.release(lease)
 
     async def _wait_for_agent(self, instance: VmInstance) -> None:
         control = partial(self.control, instance)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from cube.guest.wire import Identity, Reply
+from cube.guest.wire import Reply
 from cube.pool.backend import Backend, BackendError, Image, Instance
 from cube.pool.catalog import Catalog
-from cube.pool.identity import push_identity
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +55,22 @@ class WarmPool:
                     while shelf.ready:
                         await self._backend.kill(shelf.ready.popleft())
 
-    async def take(self, image: Image, identity: Identity) -> tuple[Instance, Reply]:
-        """A running sandbox of ``image`` that now carries ``identity``: from the shelf when
-        one is ready (falling back to a fresh start if it does not take the refresh)."""
+    async def take(
+        self, image: Image, adopt: Callable[[Instance], Awaitable[Reply]]
+    ) -> tuple[Instance, Reply]:
+        """A running sandbox of ``image``, made someone's by ``adopt`` (which kills it and
+        raises BackendError if it will not take its identity): from the shelf when one is
+        ready, falling back to a fresh start if the shelved one fails."""
         shelf = self._shelves.get(image.template_id)
         if shelf is not None and shelf.ready:
             instance = shelf.ready.popleft()
             shelf.taken.set()
             try:
-                return instance, await push_identity(self._backend, instance, identity)
+                return instance, await adopt(instance)
             except BackendError as exc:
                 log.warning("pooled sandbox refused its identity", extra={"error": str(exc)})
         instance = await self._backend.start(image)
-        return instance, await push_identity(self._backend, instance, identity)
+        return instance, await adopt(instance)
 
     async def _keep_full(self, catalog: Catalog, key: str, size: int) -> None:
         delay = RETRY_MIN_S

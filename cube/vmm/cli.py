@@ -154,6 +154,9 @@ def snapshot_cmd(
 @vm_app.command("restore")
 def restore_cmd(
     folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Snapshot folder")],
+    tap: Annotated[
+        str | None, typer.Option(help="An existing tap, for a snapshot with a network device")
+    ] = None,
 ) -> None:
     """Restore a snapshot (full or diff) with its console on this terminal, until it stops.
 
@@ -161,4 +164,5 @@ def restore_cmd(
     """
     with tempfile.TemporaryDirectory(prefix="cube-vm-") as scratch:
         console = _Console()
-        _run(_build(lambda: MicroVm.restore(folder, Path(scratch), console=console)), console)
+        vm = _build(lambda: MicroVm.restore(folder, Path(scratch), console=console, net_tap=tap))
+        _run(vm, console)

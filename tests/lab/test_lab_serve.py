@@ -1,24 +1,13 @@
 """`cube serve` with the VMM backend, driven by the unmodified E2B SDK (inside the lab).
 
-The host builds the `base` template's root filesystem first (`cube template build-defaults
---rootfs-only`, which `make test-lab` runs); L1 boots it once to make the template snapshot,
-starts `cube serve` as a real subprocess and talks to it over HTTP exactly as a user's agent
-would, with only the API URL, sandbox URL and API key set. Every sandbox is a microVM restored
-from that snapshot.
+The `daemon` fixture (tests/lab/daemon.py) builds the default templates and runs the daemon;
+every sandbox here is a microVM restored from a template snapshot.
 """
 
 from __future__ import annotations
 
 import base64
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
@@ -26,95 +15,11 @@ from e2b import PtySize, Sandbox, SandboxQuery
 from e2b.exceptions import SandboxException
 from e2b_code_interpreter import Sandbox as CodeSandbox
 
-from cube.apikeys import ApiKeyStore
-from cube.paths import cache_dir
-from cube.pool.template import TemplateStore
-from cube.pool.template_build import BuildSpec, build_template, missing_in_lab
+from tests.lab.daemon import INTERPRETER_SPEC, SDK_TIMEOUT, Daemon
 
 pytestmark = pytest.mark.lab
 
-# The SDKs' default templates, with the default root filesystems; smaller than the default VM
-# shape because the lab is a 2-vCPU TCG guest.
-SPEC = BuildSpec(name="base", cpus=1, memory_mb=512)
-INTERPRETER_SPEC = BuildSpec(name="code-interpreter-v1", interpreter=True, cpus=1, memory_mb=1024)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-READY_TIMEOUT = 300.0
-SDK_TIMEOUT = 120  # seconds per SDK request: nested TCG is slow
-
-
-@dataclass(frozen=True)
-class Daemon:
-    url: str
-    key: str
-    log: Path
-
-    def sdk(self) -> dict[str, object]:
-        return {"api_key": self.key, "api_url": self.url, "sandbox_url": self.url,
-                "request_timeout": SDK_TIMEOUT}  # fmt: skip
-
-    def create(self, **kwargs: object) -> Sandbox:
-        return Sandbox.create(template=SPEC.name, timeout=600, **self.sdk(), **kwargs)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def daemon() -> Iterator[Daemon]:
-    specs = (SPEC, INTERPRETER_SPEC)
-    for spec in specs:
-        if (missing := missing_in_lab(spec)) is not None:
-            pytest.fail(missing)
-    # In the shared cache, beside the cached rootfs, so the template's disk is a hard link.
-    data = cache_dir() / "lab-serve-test"
-    shutil.rmtree(data, ignore_errors=True)
-    for spec in specs:
-        started = time.monotonic()
-        build_template(spec, TemplateStore(data / "templates"))
-        print(f"\ntemplate {spec.name}: boot + snapshot {time.monotonic() - started:.1f} s")
-    key, _ = ApiKeyStore(data).create("lab")
-    port = _free_port()
-    config = data / "cube.toml"
-    config.write_text(
-        f'listen = "127.0.0.1:{port}"\nbackend = "vmm"\ndata_dir = "{data}"\n'
-        f"graceful_timeout = 1.0\n[pool]\nbase = 1\n"
-    )
-    log = data / "serve.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "cube", "serve", "--config", str(config)],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    daemon = Daemon(f"http://127.0.0.1:{port}", key, log)
-    try:
-        _wait_listening(daemon, server)
-        yield daemon
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        print(f"\n--- cube serve log (tail) ---\n{log.read_text()[-4000:]}")
-        shutil.rmtree(data, ignore_errors=True)
-
-
-def _wait_listening(daemon: Daemon, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"cube serve exited:\n{daemon.log.read_text()[-4000:]}"
-        try:
-            answer = httpx.get(f"{daemon.url}/v2/sandboxes", headers={"X-API-Key": daemon.key})
-            if answer.status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"cube serve did not listen:\n{daemon.log.read_text()[-4000:]}")
 
 
 def test_commands_and_files_in_a_microvm(daemon: Daemon) -> None:

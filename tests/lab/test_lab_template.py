@@ -23,6 +23,7 @@ import trio
 
 from cube.guest import wire
 from cube.guestkernel import build_kernel
+from cube.net import tap
 from cube.paths import cache_dir
 from cube.pool.buildlog import BuildLog
 from cube.pool.rootfs_cache import BuildSpec, build_rootfs
@@ -57,22 +58,23 @@ def test_build_boot_snapshot_restore(store: TemplateStore, tmp_path: Path) -> No
     assert (Path(template.snapshot) / "state").is_file()
     assert store.get(template.id).status == "ready"
 
-    clone = MicroVm.restore(Path(template.snapshot), tmp_path)
     replies: list[wire.Reply] = []
+    with tap.unconnected() as net:  # the template has a network device: a clone needs a tap
+        clone = MicroVm.restore(Path(template.snapshot), tmp_path, net_tap=net)
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(clone.run)
-            restored = time.monotonic()
-            with trio.fail_after(RESTORE_TIMEOUT):
-                replies.append(await agent_control(clone, wire.Ping()))
-            print(f"restore -> first agent answer: {time.monotonic() - restored:.3f} s")
-            clone.request_stop()
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(clone.run)
+                restored = time.monotonic()
+                with trio.fail_after(RESTORE_TIMEOUT):
+                    replies.append(await agent_control(clone, wire.Ping()))
+                print(f"restore -> first agent answer: {time.monotonic() - restored:.3f} s")
+                clone.request_stop()
 
-    try:
-        trio.run(main)
-    finally:
-        clone.close()
+        try:
+            trio.run(main)
+        finally:
+            clone.close()
     assert replies[0].ok, clone.console_tail()
     assert replies[0].envd_version == template.envd_version
 

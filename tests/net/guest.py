@@ -12,14 +12,15 @@ import trio
 from pyroute2 import IPRoute
 
 from cube.net import frames, netns, tap
-from cube.net.manager import NetworkManager, SandboxNetwork
+from cube.net.addressing import Lease
+from cube.net.manager import NetworkManager
 from cube.net.policy import EgressPolicy
 
 PORT = 9000
 WAIT = 10.0  # seconds to wait for something that must arrive; never a pass/fail threshold
 
 
-def allocate(mgr: NetworkManager, sandbox_id: str, policy: EgressPolicy) -> SandboxNetwork:
+def allocate(mgr: NetworkManager, sandbox_id: str, policy: EgressPolicy) -> Lease:
     return trio.run(mgr.allocate, sandbox_id, policy)
 
 
@@ -31,7 +32,7 @@ def packets(mgr: NetworkManager, sandbox_id: str) -> dict[str, int]:
 class Guest:
     """A sandbox's side of its tap: an fd opened as the VMM opens it, in the host namespace."""
 
-    def __init__(self, ns: str, net: SandboxNetwork) -> None:
+    def __init__(self, ns: str, net: Lease) -> None:
         self.net = net
         with netns.entered(ns):
             self.fd = tap.open_tap(net.tap)
@@ -42,8 +43,8 @@ class Guest:
         self.mac = net.mac
         self.ip4 = ipaddress.ip_address(net.guest.address.split("/")[0])
         self.gw4 = ipaddress.ip_address(net.guest.gateway)
-        self.ip6 = ipaddress.ip_address(net.address6.split("/")[0])
-        self.gw6 = ipaddress.ip_address(net.gateway6)
+        self.ip6 = ipaddress.ip_address(net.guest.address6.split("/")[0])
+        self.gw6 = ipaddress.ip_address(net.guest.gateway6)
 
     def close(self) -> None:
         os.close(self.fd)

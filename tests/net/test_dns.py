@@ -108,7 +108,7 @@ def with_resolver(topo, policy: EgressPolicy, body) -> Upstream:
                 await body(manager, guest)
             finally:
                 guest.close()
-                manager.release("sbx1")
+                manager.release(guest.net)
             nursery.cancel_scope.cancel()
 
     try:

@@ -110,7 +110,7 @@ def test_always_denied_even_when_allowed(manager, topo):
         *ALWAYS_DENIED,
         other.guest.address.split("/")[0],
         other.guest.gateway,
-        other.address6.split("/")[0],
+        other.guest.address6.split("/")[0],
     ]
     try:
         for dst in targets:
@@ -132,10 +132,10 @@ def test_gateway_answers_dns_only(manager, topo):
         dns4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         dns4.bind((net.guest.gateway, 53))
         dns6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        dns6.bind((net.gateway6, 53))
+        dns6.bind((net.guest.gateway6, 53))
     try:
         guest.send(net.guest.gateway, dport=53, payload=b"q4")
-        guest.send(net.gateway6, dport=53, payload=b"q6")
+        guest.send(net.guest.gateway6, dport=53, payload=b"q6")
         guest.send(net.guest.gateway, dport=22)
         guest.send(net.guest.gateway, proto=frames.TCP, dport=3000)
         for sock in (dns4, dns6):

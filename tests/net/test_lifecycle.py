@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import os
@@ -17,7 +18,7 @@ from cube.net import conntrack, frames, layout, nat, netns, tap
 from cube.net.addressing import AddressPlan
 from cube.net.build import object_path
 from cube.net.filter import LOG_KEEP, MAPS, EgressFilter
-from cube.net.manager import NetworkConfig, NetworkManager
+from cube.net.manager import NetworkConfig, NetworkError, NetworkManager
 from cube.net.policy import EgressPolicy
 from tests.net.guest import WAIT, Guest, Sink, allocate
 from tests.net.topology import UPLINK4
@@ -74,8 +75,7 @@ def test_many_cycles_leak_nothing(topo):
 
     async def cycles(n: int) -> None:
         for _ in range(n):
-            await manager.allocate("sbx", policy)
-            manager.release("sbx")
+            manager.release(await manager.allocate("sbx", policy))
 
     pooled = (pool, pool * len(MAPS))  # one program and its maps per pooled tap
     trio.run(cycles, 1)  # warm up: libraries loaded, pool in its steady state
@@ -94,7 +94,7 @@ def test_a_tap_still_held_open_is_deleted_not_reused(manager, topo):
     net = allocate(manager, "sbx1", EgressPolicy())
     guest = Guest(topo.host, net)  # a VMM that was never stopped
     try:
-        manager.release("sbx1")
+        manager.release(net)
         assert net.tap not in taps(topo.host)
         with pytest.raises(OSError):
             guest.send("198.51.100.1")
@@ -131,7 +131,7 @@ def test_release_forgets_the_sandboxs_connections(manager, topo):
     finally:
         guest.close()
         sink.close()
-    manager.release("sbx1")  # the slot goes back to the pool, its flows not yet forgotten
+    manager.release(net)  # the slot goes back to the pool, its flows not yet forgotten
     again = allocate(manager, "sbx2", EgressPolicy())
     assert again.guest.address == net.guest.address  # same slot, handed out clean
     with netns.entered(topo.host):
@@ -245,3 +245,44 @@ def _nft_drops(ns: str) -> int:
             if "counter" in expr:
                 return expr["counter"]["packets"]
     raise AssertionError("no counter in the input chain")
+
+
+def test_a_leased_slot_passes_nothing_until_assigned(manager, topo):
+    """A warm VM holds a lease before any sandbox is made of it: its frames go nowhere."""
+    lease = trio.run(manager.lease)
+    guest, sink = Guest(topo.host, lease), Sink(topo.inet)
+    try:
+        guest.send("198.51.100.1", payload=b"early")
+        trio.run(manager.assign, lease, "sbx1", EgressPolicy())
+        guest.send("198.51.100.1", payload=b"late")
+        got = sink.until(b"late")
+    finally:
+        guest.close()
+        sink.close()
+    assert [payload for payload, _ in got] == [b"late"]
+    with pytest.raises(NetworkError):
+        trio.run(manager.assign, lease, "sbx2", EgressPolicy())  # one sandbox per lease
+    manager.release(lease)
+    assert not manager.has_network("sbx1")
+    manager.release(lease)  # idempotent: the VM's stop and a failed start may both give it back
+
+
+def test_build_taps_go_with_their_builder(topo):
+    """A template build's tap is deleted when the build ends, and by reconcile if the
+    builder died first."""
+    with netns.entered(topo.host):
+        with tap.unconnected() as name:
+            assert name in all_links(topo.host)
+        assert name not in all_links(topo.host)
+        dead = f"{tap.BUILD_PREFIX}{2**22 + 1}"  # above any pid_max: no such process
+        fd = tap.open_tap(dead)
+        fcntl.ioctl(fd, tap.TUNSETPERSIST, 1)
+        os.close(fd)
+    assert dead in all_links(topo.host)
+    NetworkManager(ns=topo.host).reconcile()
+    assert dead not in all_links(topo.host)
+
+
+def all_links(ns: str) -> list[str]:
+    with netns.entered(ns), IPRoute() as ipr:
+        return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]

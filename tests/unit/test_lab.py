@@ -311,3 +311,27 @@ def test_lab_requirements_are_the_projects_runtime_and_test_ones(tmp_path: Path)
         '[project.optional-dependencies]\ntest = ["pytest>=8"]\ndocs = ["sphinx"]\n'
     )
     assert image.python_requirements(pyproject) == ["trio>=0.27", "pytest>=8"]
+
+
+@pytest.mark.parametrize(
+    ("results", "expected", "runs"),
+    [
+        ([(125, True), (0, False)], 0, 2),  # L1 panicked: the command runs once more
+        ([(125, True), (125, True)], 125, 2),  # ...but only once more
+        ([(1, False)], 1, 1),  # the command's own failure is never repeated
+    ],
+)
+def test_only_an_l1_panic_repeats_a_run(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    results: list[tuple[int, bool]],
+    expected: int,
+    runs: int,
+) -> None:
+    outcomes = iter(results)
+    calls: list[object] = []
+    monkeypatch.setattr(runner, "build_image", lambda: tmp_path)
+    monkeypatch.setattr(runner, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(runner, "_run_once", lambda *args: calls.append(args) or next(outcomes))
+    assert runner.run_in_lab("true", timeout=1, boot_timeout=1) == expected
+    assert len(calls) == runs

@@ -20,6 +20,7 @@ from cube.guest.wire import Identity, NetConfig
 
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
 MAX_SEED = 4096
+IFA_F_NODAD = 0x02  # the link has exactly one other end, whose address the host chose
 _HOSTNAME = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _MACHINE_ID = re.compile(r"\A[0-9a-f]{32}\Z")
 
@@ -55,14 +56,18 @@ def set_machine_id(machine_id: str) -> None:
 
 
 def configure_network(net: NetConfig, ifname: str = "eth0") -> None:
-    """Give eth0 this clone's address, default route and resolvers (pyroute2, imported here:
-    it is only needed in the guest, on Refresh)."""
+    """Give eth0 this clone's MAC, addresses, default routes and resolvers (pyroute2, imported
+    here: it is only needed in the guest, on Refresh). The link goes down for the MAC change,
+    which also drops the template's (or the previous clone's) neighbours and routes."""
     import ipaddress
 
     from pyroute2 import IPRoute
 
-    interface = ipaddress.ip_interface(net.address)
-    gateway = ipaddress.ip_address(net.gateway)
+    interfaces = [ipaddress.ip_interface(net.address)]
+    gateways = [ipaddress.ip_address(net.gateway)]
+    if net.address6 and net.gateway6:
+        interfaces.append(ipaddress.ip_interface(net.address6))
+        gateways.append(ipaddress.ip_address(net.gateway6))
     with IPRoute() as ipr:
         links = ipr.link_lookup(ifname=ifname)
         if not links:
@@ -72,11 +77,18 @@ def configure_network(net: NetConfig, ifname: str = "eth0") -> None:
             ipr.link("set", index=index, state="down")
             ipr.link("set", index=index, address=net.mac)
         ipr.flush_addr(index=index)
-        ipr.addr(
-            "add", index=index, address=str(interface.ip), prefixlen=interface.network.prefixlen
-        )
+        for interface in interfaces:
+            ipr.addr(
+                "add",
+                index=index,
+                address=str(interface.ip),
+                prefixlen=interface.network.prefixlen,
+                flags=IFA_F_NODAD,
+            )
         ipr.link("set", index=index, state="up")
-        ipr.route("replace", dst="default", gateway=str(gateway), oif=index)
+        for gateway in gateways:
+            family = socket.AF_INET if gateway.version == 4 else socket.AF_INET6
+            ipr.route("replace", family=family, dst="default", gateway=str(gateway), oif=index)
     resolv = "".join(f"nameserver {ipaddress.ip_address(d)}\n" for d in net.dns)
     write_atomic("/etc/resolv.conf", resolv.encode())
 

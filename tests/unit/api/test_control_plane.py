@@ -203,6 +203,12 @@ def test_metrics_logs_network_refresh(daemon: Daemon) -> None:
             network = {"allowOut": ["1.1.1.1"], "denyOut": ["0.0.0.0/0"]}
             assert client.put(f"/sandboxes/{sid}/network", json=network).status_code == 204
             assert client.get(f"/sandboxes/{sid}").json()["network"] == network
+            offline = {"allow_internet_access": False}
+            assert client.put(f"/sandboxes/{sid}/network", json=offline).status_code == 204
+            assert client.put(f"/sandboxes/{sid}/network", json=network).status_code == 204
+            assert client.get(f"/sandboxes/{sid}").json()["allowInternetAccess"] is False
+            # the process backend's agents use the host's network: no filter to report on
+            assert_error(client.get(f"/sandboxes/{sid}/network"), 409)
             bad = {"allowOut": ["example.com"]}  # domains need denyOut 0.0.0.0/0, as in E2B
             assert_error(client.put(f"/sandboxes/{sid}/network", json=bad), 400)
             bad_create = {"templateID": "base", "network": {"denyOut": ["not-an-ip"]}}
