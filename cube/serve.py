@@ -37,12 +37,13 @@ from cube.net.manager import NetworkManager
 from cube.pool.backend import Backend, Image
 from cube.pool.catalog import Catalog, ChainCatalog, MemoryCatalog, TemplateInfo
 from cube.pool.process_backend import ProcessBackend, ProcessTemplate, write_template
-from cube.pool.records import RecordStore
+from cube.pool.records import PAUSED_DIR, RecordStore
 from cube.pool.sandboxes import Sandboxes, Settings
-from cube.pool.snapshots import SnapshotStore
+from cube.pool.snapshots import IMAGE_DIR, SnapshotStore
 from cube.pool.template import TemplateStore
 from cube.pool.vmm_backend import VmmBackend
 from cube.pool.warm import WarmPool
+from cube.vmm.snapshot import SnapshotError, read_state
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +166,32 @@ def _backend(
     return ProcessBackend(data / "process-backend" / "sandboxes"), process_catalog(config)
 
 
+def _prune_template_builds(data: Path, store: TemplateStore) -> None:
+    """Delete template builds that nothing needs any more. Runs before any sandbox does, so
+    only paused sandboxes and sandbox snapshots can need an old build (as their parent). Their
+    folders are found on disk, not through their records: a record that cannot be read must
+    not cost its sandbox the parent it needs."""
+    folders = [
+        *(data / "sandboxes").glob(f"*/{PAUSED_DIR}"),
+        *(data / "sandbox-snapshots").glob(f"*/{IMAGE_DIR}"),
+    ]
+    needed = set()
+    for folder in folders:
+        try:
+            parent = read_state(folder).parent
+        except SnapshotError:
+            continue  # unreadable: it will fail on resume whatever we keep
+        if parent:
+            needed.add(Path(parent))
+    for build in store.prune(needed):
+        log.info("removed an old template build", extra={"build": str(build)})
+
+
 async def _serve(config: Config) -> None:
     network = _network(config)
     backend, catalog = _backend(config, network)
+    if isinstance(catalog, TemplateStore):
+        _prune_template_builds(data_dir_of(config), catalog)
     try:
         async with trio.open_nursery() as nursery:
             if network is not None:

@@ -19,6 +19,7 @@ from cube.pool.atomic import read, write_atomic
 from cube.pool.backend import Resources
 
 log = logging.getLogger(__name__)
+PAUSED_DIR = "paused"  # in a sandbox's folder: everything a paused sandbox needs to resume
 
 State = Literal["running", "paused", "lost"]
 OnTimeout = Literal["kill", "pause"]
@@ -60,7 +61,7 @@ class RecordStore:
         return self.root / sandbox_id
 
     def pause_folder(self, sandbox_id: str) -> Path:
-        return self.folder(sandbox_id) / "paused"
+        return self.folder(sandbox_id) / PAUSED_DIR
 
     async def save(self, record: SandboxRecord) -> None:
         def write() -> None:

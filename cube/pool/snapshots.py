@@ -20,6 +20,7 @@ from cube.pool.backend import Image, Resources
 from cube.pool.catalog import TemplateInfo
 
 log = logging.getLogger(__name__)
+IMAGE_DIR = "image"  # in a snapshot's folder: the backend's startable image
 
 
 class SnapshotRecord(msgspec.Struct, kw_only=True):
@@ -49,7 +50,7 @@ class SnapshotStore:
 
     def image_folder(self, snapshot_id: str) -> Path:
         """Where the backend writes the image; created empty by the caller's snapshot call."""
-        return self.root / snapshot_id / "image"
+        return self.root / snapshot_id / IMAGE_DIR
 
     def lookup(self, name_or_id: str) -> TemplateInfo | None:
         record = self._records.get(name_or_id) or next(

@@ -1,15 +1,19 @@
 """The template store: one folder per template in the data dir, described by `template.json`.
 
     <data dir>/templates/<name>/
-      template.json   metadata (msgspec JSON, replaced atomically)
-      rootfs.ext4     the read-only base disk every sandbox of the template shares
-      snapshot/       the booted guest's memory snapshot (cube.vmm.snapshot format)
-      build.log       everything the last build printed, guest console included
+      template.json       metadata (msgspec JSON, replaced atomically), naming the current build
+      build-<id>/
+        rootfs.ext4       the read-only base disk every sandbox of the build shares
+        snapshot/         the booted guest's memory snapshot (cube.vmm.snapshot format)
+        build.log         everything the build printed, guest console included
 
 Folders are named after the template's name, so the SDK's names (`base`,
 `code-interpreter-v1`) find them directly; the E2B template id is stable across rebuilds (a
-rebuild reuses it). A rebuild replaces the folder's contents: sandboxes still running keep their
-open files, but snapshots of paused sandboxes made from the old build name it as their parent.
+rebuild reuses it). Every build gets a folder of its own: a paused sandbox's (or a sandbox
+snapshot's) diff names its build's snapshot as its parent, so a rebuild (an upgrade of Cube
+changes the template's inputs) must not take that build away. Builds that never finished go
+when the next build begins; finished ones only through `prune`, which the daemon runs at
+start, when no sandbox is running, with the parents that paused sandboxes still need.
 
 Status only moves building -> ready or building -> error; a new build starts again at building.
 A build holds `<name>.lock` (flock) for its whole length, so two builds of one name cannot
@@ -40,6 +44,7 @@ META_FILE = "template.json"
 ROOTFS_FILE = "rootfs.ext4"
 SNAPSHOT_DIR = "snapshot"
 LOG_FILE = "build.log"
+BUILD_PREFIX = "build-"
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 Status = Literal["building", "ready", "error"]
 TRANSITIONS: dict[str, set[str]] = {"building": {"ready", "error"}, "ready": set(), "error": set()}
@@ -106,24 +111,48 @@ class TemplateStore:
             yield
 
     def begin(self, name: str, **fields: object) -> Template:
-        """Start a (re)build: an emptied folder and status building. Call inside `building`."""
+        """Start a (re)build in a new build folder, status building. Call inside `building`."""
         folder = self.folder(name)
         previous = self._read_or_none(folder)
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
+        for unfinished in self._builds(folder):
+            if not (unfinished / SNAPSHOT_DIR).is_dir():
+                shutil.rmtree(unfinished)  # nothing can name a snapshot that was never made
+        build = folder / f"{BUILD_PREFIX}{new_id(12)}"
+        build.mkdir(parents=True)
         template = Template(
             name=name,
             id=previous.id if previous else new_id(),
             status="building",
             created_at=time.time(),
-            rootfs=str(folder / ROOTFS_FILE),
-            snapshot=str(folder / SNAPSHOT_DIR),
-            build_log=str(folder / LOG_FILE),
+            rootfs=str(build / ROOTFS_FILE),
+            snapshot=str(build / SNAPSHOT_DIR),
+            build_log=str(build / LOG_FILE),
             **fields,  # type: ignore[arg-type]
         )
         self._write(template)
         return template
+
+    @staticmethod
+    def _builds(folder: Path) -> list[Path]:
+        if not folder.is_dir():
+            return []
+        return [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(BUILD_PREFIX)]
+
+    def prune(self, needed: set[Path]) -> list[Path]:
+        """Delete every build that is neither a template's current one nor the parent of a
+        snapshot in `needed` (snapshot folders); returns what was deleted. Only safe while no
+        sandbox runs: a running clone's next pause would name its build as parent."""
+        keep = {path.resolve() for path in needed}
+        removed = []
+        for name in self._names():
+            current = self._read_or_none(self.root / name)
+            if current is not None:
+                keep.add(Path(current.snapshot).resolve())
+            for build in self._builds(self.root / name):
+                if (build / SNAPSHOT_DIR).resolve() not in keep:
+                    shutil.rmtree(build)
+                    removed.append(build)
+        return removed
 
     def update(self, template: Template, status: Status, **changes: object) -> Template:
         """Move a template to `status` (building -> ready or error) with other field changes."""

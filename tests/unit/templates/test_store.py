@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cube.pool.template import META_FILE, TemplateError, TemplateStore
+from cube.pool.template import BUILD_PREFIX, META_FILE, Template, TemplateError, TemplateStore
 
 FIELDS = {"source": "debian", "cpus": 2, "memory_mb": 512}
 
@@ -31,8 +31,10 @@ def test_begin_then_ready(store: TemplateStore) -> None:
     assert store.get("base").status == "ready"
     assert store.get("base").envd_version == "0.2.0"
     assert [t.name for t in store.list()] == ["base"]
-    assert ready.rootfs == str(store.root / "base" / "rootfs.ext4")
-    assert sorted(p.name for p in (store.root / "base").iterdir()) == [META_FILE]
+    build = Path(ready.rootfs).parent
+    assert build.parent == store.root / "base" and build.name.startswith(BUILD_PREFIX)
+    assert Path(ready.snapshot).parent == build
+    assert sorted(p.name for p in (store.root / "base").iterdir()) == [build.name, META_FILE]
 
 
 @pytest.mark.parametrize(("first", "then"), [("ready", "error"), ("error", "ready"),
@@ -43,13 +45,28 @@ def test_only_building_moves_on(store: TemplateStore, first: str, then: str) -> 
         store.update(template, then)  # type: ignore[arg-type]
 
 
-def test_rebuild_keeps_the_id_and_empties_the_folder(store: TemplateStore) -> None:
-    first = store.update(_begin(store), "ready")
-    (store.root / "base" / "rootfs.ext4").write_text("old")
+def _finished(store: TemplateStore) -> Template:
+    """A build that got as far as its snapshot."""
+    template = store.update(_begin(store), "ready")
+    Path(template.snapshot).mkdir()
+    return template
+
+
+def test_rebuild_keeps_the_id_and_finished_builds(store: TemplateStore) -> None:
+    first = _finished(store)
+    failed = store.update(_begin(store), "error")  # no snapshot: nothing can need it
     second = _begin(store)
-    assert second.id == first.id
-    assert second.status == "building"
-    assert not (store.root / "base" / "rootfs.ext4").exists()
+    assert second.id == first.id and second.status == "building"
+    assert Path(first.snapshot).is_dir()  # paused sandboxes may name it as their parent
+    assert not Path(failed.rootfs).parent.exists()
+
+
+def test_prune_keeps_current_and_needed_builds(store: TemplateStore) -> None:
+    needed, unneeded, current = _finished(store), _finished(store), _finished(store)
+    removed = store.prune({Path(needed.snapshot)})
+    assert removed == [Path(unneeded.snapshot).parent]
+    assert Path(needed.snapshot).is_dir() and Path(current.snapshot).is_dir()
+    assert store.get("base") == current
 
 
 def test_concurrent_build_and_remove_are_refused(store: TemplateStore) -> None:
@@ -94,7 +111,8 @@ def test_atomic_write_leaves_no_temporary_files(store: TemplateStore) -> None:
     template = _begin(store)
     for _ in range(3):
         template = store.update(template, "ready") if template.status == "building" else template
-    assert [p.name for p in (store.root / "base").iterdir()] == [META_FILE]
+    files = [p.name for p in (store.root / "base").iterdir() if p.is_file()]
+    assert files == [META_FILE]
 
 
 @pytest.mark.parametrize("name", ["", "Base", "a/b", "..", "-x", "a" * 64, "x y"])
@@ -111,7 +129,7 @@ def test_catalog_view(store: TemplateStore) -> None:
     info = store.lookup(template.id)
     assert info is not None and info.image is not None
     assert info.alias == "code-interpreter-v1"
-    assert info.image.folder == store.root / "code-interpreter-v1" / "snapshot"
+    assert info.image.folder == Path(template.snapshot)
     assert (info.image.resources.cpu_count, info.image.resources.memory_mb) == (2, 512)
     assert info.image.resources.disk_mb == 2048
     assert store.lookup("missing") is None
