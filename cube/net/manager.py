@@ -45,7 +45,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from cube.net import conntrack, layout, nat, netns, tap
 from cube.net.addressing import AddressPlan, Lease, SlotAddresses
 from cube.net.build import object_path
-from cube.net.dns import SandboxResolver, host_resolver
+from cube.net.dns import DnsError, SandboxResolver, host_resolver
 from cube.net.filter import Drop, EgressFilter, config_for
 from cube.net.policy import EgressPolicy, IPNetwork, always_deny, compile_policy
 from cube.net.rules import RuleSet
@@ -333,7 +333,12 @@ class NetworkManager:
     async def _start_resolver(self, leased: _Leased) -> None:
         assert self._nursery is not None and leased.rules is not None
         a = leased.slot.addresses
-        upstream = (self.config.dns_upstream, 53) if self.config.dns_upstream else host_resolver()
+        configured = self.config.dns_upstream
+        try:
+            upstream = (configured, 53) if configured else host_resolver()
+        except (OSError, DnsError) as exc:  # the sandbox works, only names do not resolve
+            log.warning("no DNS upstream: set dns_upstream", extra={"error": str(exc)})
+            return
         resolver = SandboxResolver(
             self.ns, [str(a.gateway4), str(a.gateway6)], upstream, leased.rules
         )

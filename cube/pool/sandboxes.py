@@ -328,7 +328,7 @@ class Sandboxes:
             except BaseException as exc:
                 with trio.CancelScope(shield=True):
                     await self._backend.kill(instance)
-                if isinstance(exc, (NetworkError, PolicyError)):
+                if isinstance(exc, Exception):  # a kernel refusal, a bad policy: this sandbox's
                     raise BackendError(f"cannot give the sandbox its network: {exc}") from exc
                 raise
         network = lease.guest if lease is not None else None
