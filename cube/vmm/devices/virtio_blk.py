@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 
-from cube.vmm.devices.virtio_mmio import VirtioMmio
+from cube.vmm.devices.request_queue import RequestQueueDevice
 from cube.vmm.disk import DiskError, LayeredDisk
 from cube.vmm.virtqueue import Buffer, Chain, GuestMemoryAccess, QueueError
 
@@ -31,15 +31,14 @@ ID_BYTES = 20
 _HEADER = struct.Struct("<IIQ")
 
 
-class VirtioBlk:
+class VirtioBlk(RequestQueueDevice):
     device_id = DEVICE_ID
-    queue_sizes = (256,)
 
     def __init__(self, disk: LayeredDisk, disk_id: str = "cube", read_only: bool = False) -> None:
+        super().__init__()
         self.disk = disk
         self.read_only = read_only
         self._id = disk_id.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
-        self._transport: VirtioMmio | None = None
 
     def features(self) -> int:
         return F_SEG_MAX | F_BLK_SIZE | F_FLUSH | (F_RO if self.read_only else 0)
@@ -54,30 +53,8 @@ class VirtioBlk:
     def write_config(self, offset: int, data: bytes) -> None:
         pass  # nothing in the config we expose is writable
 
-    def activate(self, transport: VirtioMmio) -> None:
-        self._transport = transport
-        self.notify(0)
-
-    def reset(self) -> None:
-        self._transport = None
-
-    def notify(self, queue_index: int) -> None:
-        transport = self._transport
-        if transport is None:
-            return
-        queue, mem = transport.queues[0], transport.memory
-        try:
-            while (chain := queue.pop(mem)) is not None:
-                written = self._serve(transport, chain)
-                queue.add_used(mem, chain.head, written)
-        except (QueueError, ValueError) as error:
-            transport.fail(QueueError(str(error)))
-            return
-        transport.signal_used(queue)
-
-    def _serve(self, transport: VirtioMmio, chain: Chain) -> int:
+    def serve(self, mem: GuestMemoryAccess, chain: Chain) -> int:
         """Do one request; returns the bytes written into the guest's buffers (status included)."""
-        mem = transport.memory
         readable, writable = chain.readable, chain.writable
         if not readable or readable[0].length < _HEADER.size or not writable:
             raise QueueError("block request without a header or a status byte")
