@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cube.guest import wire
+from tests.processes import stop
 
 READY_WAIT = 20.0  # seconds the agent may take to start listening (generous: loaded CI hosts)
 
@@ -136,12 +137,7 @@ def run_agent(base: Path, port: int, host_mode: bool = True) -> Iterator[Agent]:
         _wait_ready(agent)
         yield agent
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, grace=10)
         log.close()
 
 

@@ -23,6 +23,7 @@ import pytest
 from e2b_code_interpreter import Sandbox
 
 from cube.guest.interpreter import languages
+from tests.processes import stop
 
 START_TIMEOUT = 90.0
 
@@ -81,12 +82,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         _wait_healthy(url, proc, log)
         yield Server(url=url, state_dir=state_dir, home=home, log=log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, grace=20)
 
 
 @pytest.fixture(scope="package")
