@@ -13,8 +13,7 @@ import time
 
 import httpx
 import pytest
-from e2b import Sandbox
-from e2b.exceptions import CommandExitException
+from e2b import CommandExitException, Sandbox
 
 from tests.lab.daemon import SERVER_PORT, UPLINK4, Daemon
 
