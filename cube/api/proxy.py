@@ -166,7 +166,11 @@ class Proxy:
         except PortClosed:
             await _bad_gateway(client.send, target, PORT_CLOSED, port=target.port)
             return
-        except BackendError:  # it died between the lookup and now
+        except BackendError as exc:  # it died between the lookup and now, or does not answer
+            log.warning(
+                "cannot reach sandbox",
+                extra={"sandbox": target.sandbox_id, "port": target.port, "error": str(exc)},
+            )
             await _bad_gateway(client.send, target, NOT_FOUND)
             return
         async with stream:
