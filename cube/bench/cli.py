@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -43,3 +44,22 @@ def bench_api(
     from cube.bench import api  # httpx comes with the test extra, not the daemon's deps
 
     typer.echo(api.run(url, key, template, creates, concurrency or [1, 50]))
+
+
+@bench_app.command("exec")
+def bench_exec(
+    url: Annotated[str, typer.Option(help="A running `cube serve`")] = "http://127.0.0.1:3000",
+    key: Annotated[str, typer.Option(envvar="E2B_API_KEY", help="An API key")] = "",
+    template: Annotated[
+        str, typer.Option(help="Template to create and to boot the peer from")
+    ] = "base",
+    samples: Annotated[int, typer.Option(min=1, help="Timed rounds of each kind")] = 50,
+    warmup: Annotated[int, typer.Option(min=0, help="Rounds run first and discarded")] = 5,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="The daemon's data dir (its templates)")
+    ] = None,
+) -> None:
+    """commands.run("true") through the SDK, beside QEMU microvm + serial on the same guest."""
+    from cube.bench import exec as bench  # the E2B SDK comes with the test extra
+
+    typer.echo(bench.run(url, key, template, samples, warmup, data_dir))
