@@ -76,8 +76,9 @@ XZ_MAGIC = b"\xfd7zXZ\x00"
 # The initrd only has to find the virtio root disk. Debian's default (MODULES=most) packs ~35 MB
 # of drivers that TCG then spends seconds unpacking and probing on every boot.
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
-# What L1's init loads from the root filesystem: the 9p shares and hardware-style KVM.
-ROOTFS_MODULES = ("9p", "9pnet_virtio", "kvm_amd")
+# What L1's init loads from the root filesystem: the 9p shares, hardware-style KVM, and tun for
+# sandbox taps (L1 has no udev, so nothing else would create /dev/net/tun).
+ROOTFS_MODULES = ("9p", "9pnet_virtio", "kvm_amd", "tun")
 
 
 class ImageError(RuntimeError):

@@ -53,6 +53,7 @@ modprobe kvm_amd || fail "modprobe kvm_amd"
 [ -c /dev/kvm ] || fail "no /dev/kvm after loading kvm_amd"
 
 { modprobe 9pnet_virtio && modprobe 9p; } || fail "modprobe 9p"
+modprobe tun && [ -c /dev/net/tun ] || fail "no /dev/net/tun after loading tun (sandbox taps)"
 ensure_mount 9p labrun "$RUN" "$NINEP_OPTS" || fail "mount the run folder"
 # Shares are read mostly; loose caching makes Python's many stats and reads much cheaper.
 while IFS=$'\t' read -r tag path; do
