@@ -36,7 +36,6 @@ from cube.pool.records import RecordStore
 SANDBOX_TIMEOUT_S = 900  # outlives any one measurement, so nothing expires midway
 REQUEST_TIMEOUT_S = 600.0  # nested labs are slow
 IDLE_CREATE_BURST = 10
-READY_FILE = "/tmp/cube-bench-dirty"
 GiB = 1 << 30
 
 
@@ -130,13 +129,14 @@ def _dirty(target: Target, sandbox_id: str, mib: int) -> None:
         sandbox_url=target.url,
         request_timeout=REQUEST_TIMEOUT_S,
     )
+    ready = f"/tmp/cube-bench-dirty-{sandbox_id}"  # the process backend's /tmp is the host's
     hold = (
         f"import time; b = bytearray(b'x') * ({mib} << 20); "
-        f"open('{READY_FILE}', 'w').close(); time.sleep(1e6)"
+        f"open('{ready}', 'w').close(); time.sleep(1e6)"
     )
-    sandbox.commands.run(f'python3 -c "{hold}"', background=True).disconnect()  # it runs on
+    sandbox.commands.run(f'python3 -c "{hold}"', background=True).disconnect()  # it stays up
     sandbox.commands.run(
-        f"until [ -e {READY_FILE} ]; do sleep 0.1; done", timeout=REQUEST_TIMEOUT_S
+        f"until [ -e {ready} ]; do sleep 0.1; done; rm {ready}", timeout=REQUEST_TIMEOUT_S
     )
 
 
@@ -183,7 +183,7 @@ async def _pause_resume(target: Target, plan: Plan, mib: int) -> str:
 # Idle sandboxes per GiB.
 
 
-def mem_available() -> int:
+def _mem_available() -> int:
     """The host's MemAvailable in bytes (/proc/meminfo)."""
     with open("/proc/meminfo") as meminfo:
         for line in meminfo:
@@ -199,14 +199,14 @@ async def _idle_density(target: Target, plan: Plan) -> str:
         ids.append(await _create(client, plan.template))
 
     async with target.client(IDLE_CREATE_BURST * 2) as client:
-        before = mem_available()
+        before = _mem_available()
         try:
             for first in range(0, plan.idle, IDLE_CREATE_BURST):
                 async with trio.open_nursery() as nursery:
                     for _ in range(min(IDLE_CREATE_BURST, plan.idle - first)):
                         nursery.start_soon(create_one, client)
             await trio.sleep(plan.settle_s)
-            used = before - mem_available()
+            used = before - _mem_available()
         finally:
             for sandbox_id in ids:
                 await client.delete(f"/sandboxes/{sandbox_id}")
