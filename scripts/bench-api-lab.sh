@@ -14,7 +14,13 @@ vmm=$work/vmm
 process=$work/process
 mkdir -p "$vmm" "$process"
 pids=()
-trap 'for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait' EXIT
+stop() {
+    local status=$?
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait
+    [ "$status" = 0 ] || tail -n 30 "$vmm/serve.log" "$process/serve.log" 2>/dev/null || true
+}
+trap stop EXIT
 
 # The lab is a 2-vCPU TCG guest: the shape the lab tests use, not the default 2 vCPUs / 1 GiB.
 started=$SECONDS

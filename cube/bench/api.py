@@ -87,14 +87,15 @@ async def _create(client: httpx.AsyncClient, template: str) -> str:
 async def _create_and_kill(
     client: httpx.AsyncClient, template: str, samples: list[float], errors: list[str]
 ) -> None:
+    """A failure is counted, not raised: under a burst some creates may fail and the rest
+    still make the figure."""
     started = time.perf_counter()
     try:
         sandbox_id = await _create(client, template)
-    except BenchError as exc:
-        errors.append(str(exc))
-        return
-    samples.append((time.perf_counter() - started) * 1e3)
-    await client.delete(f"/sandboxes/{sandbox_id}")
+        samples.append((time.perf_counter() - started) * 1e3)
+        await client.delete(f"/sandboxes/{sandbox_id}")
+    except (BenchError, httpx.HTTPError) as exc:
+        errors.append(str(exc) or type(exc).__name__)
 
 
 async def _create_latency(target: Target, plan: Plan, concurrency: int) -> str:
