@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -102,7 +102,7 @@ async def run_daemon(
         sandboxes=sandboxes,
         backend=backend,
         keys=keys,
-        metrics=DaemonMetrics(sandboxes, pool),
+        metrics=DaemonMetrics(sandboxes, pool, _vm_exits_of(backend)),
         domain=config.domain,
         max_sandboxes_per_key=config.limits.max_sandboxes_per_key,
         max_body_bytes=config.limits.max_body_bytes,
@@ -130,6 +130,11 @@ async def run_daemon(
         binds = await nursery.start(serve_then_stop)
         log.info("listening", extra={"binds": ",".join(binds)})
         task_status.started(binds)
+
+
+def _vm_exits_of(backend: Backend) -> Callable[[], Mapping[str, int]] | None:
+    """Only the VMM backend runs VMs, so only it has exits to export."""
+    return backend.vm_exits if isinstance(backend, VmmBackend) else None
 
 
 async def _until_signal() -> None:

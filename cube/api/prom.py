@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from cube.pool.sandboxes import Sandboxes
 from cube.pool.warm import WarmPool
@@ -38,9 +38,18 @@ class Histogram:
 
 
 class DaemonMetrics:
-    def __init__(self, sandboxes: Sandboxes, pool: WarmPool) -> None:
+    """`vm_exits` gives KVM exits by reason (the VMM backend's); without it (the process
+    backend runs no VMs) the `cube_vm_exits_total` family is left out."""
+
+    def __init__(
+        self,
+        sandboxes: Sandboxes,
+        pool: WarmPool,
+        vm_exits: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
         self._sandboxes = sandboxes
         self._pool = pool
+        self._vm_exits = vm_exits
         self.create_seconds = Histogram(CREATE_BUCKETS)
         self.events: Counter[str] = Counter()  # created, create_failed, killed, proxied...
 
@@ -66,4 +75,11 @@ class DaemonMetrics:
             "# TYPE cube_sandbox_create_seconds histogram",
         ]
         lines += self.create_seconds.render("cube_sandbox_create_seconds")
+        if self._vm_exits is not None:
+            lines += [
+                "# HELP cube_vm_exits_total KVM exits that reached the VMM, by reason.",
+                "# TYPE cube_vm_exits_total counter",
+            ]
+            exits = sorted(self._vm_exits().items())
+            lines += [f'cube_vm_exits_total{{reason="{r}"}} {n}' for r, n in exits]
         return "\n".join(lines) + "\n"

@@ -32,18 +32,64 @@ def bench_net(
     typer.echo(virtio_net.measure(rounds, frame_bytes=65000, tso=True).table())
 
 
+def int_list(text: str, minimum: int = 0) -> list[int]:
+    """ "1,50" into [1, 50]; "" into [] (that measurement is skipped)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
+    if any(value < minimum for value in values):
+        raise typer.BadParameter(f"{text!r}: values start at {minimum}")
+    return values
+
+
 @bench_app.command("api")
 def bench_api(
     url: Annotated[str, typer.Option(help="A running `cube serve`")] = "http://127.0.0.1:3000",
     key: Annotated[str, typer.Option(envvar="E2B_API_KEY", help="An API key")] = "",
+    label: Annotated[str, typer.Option(help="Its name in the tables")] = "cube",
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Its data dir, to size paused sandboxes")
+    ] = None,
+    peer: Annotated[str | None, typer.Option(help="A second serve measured beside it")] = None,
+    peer_key: Annotated[str | None, typer.Option(help="The peer's key (default: --key)")] = None,
+    peer_label: Annotated[str, typer.Option(help="The peer's name in the tables")] = "peer",
+    peer_data_dir: Annotated[Path | None, typer.Option(help="The peer's data dir")] = None,
     template: Annotated[str, typer.Option(help="Template to create")] = "base",
     creates: Annotated[int, typer.Option(min=1, help="Creates per concurrency level")] = 50,
-    concurrency: Annotated[list[int] | None, typer.Option(help="Levels (repeatable)")] = None,
+    concurrency: Annotated[str, typer.Option(help="Create concurrency levels")] = "1,50",
+    dirty: Annotated[str, typer.Option(help='MiB dirtied before pause/resume ("": skip)')] = (
+        "0,64,256"
+    ),
+    cycles: Annotated[int, typer.Option(min=1, help="Pause/resume cycles per size")] = 5,
+    idle: Annotated[int, typer.Option(min=0, help="Idle sandboxes held (0: skip)")] = 20,
+    settle: Annotated[float, typer.Option(min=0, help="Seconds they idle before measuring")] = 10,
 ) -> None:
-    """Create latency (p50/p95/p99) and creates/s through a running `cube serve`."""
-    from cube.bench import api  # httpx comes with the test extra, not the daemon's deps
+    """Create latency, pause/resume vs dirty memory and idle sandboxes per GiB, through a
+    running `cube serve` (and a peer beside it). Idle density reads this host's MemAvailable,
+    so run it on the serve's machine."""
+    import httpx  # httpx and the E2B SDK come with the test extra, not the daemon's deps
 
-    typer.echo(api.run(url, key, template, creates, concurrency or [1, 50]))
+    from cube.bench import api
+
+    targets = [api.Target(label, url, key, data_dir)]
+    if peer is not None:
+        targets.append(api.Target(peer_label, peer, peer_key or key, peer_data_dir))
+    plan = api.Plan(
+        template=template,
+        creates=creates,
+        concurrency=int_list(concurrency, minimum=1) or [1],
+        dirty_mib=int_list(dirty),
+        cycles=cycles,
+        idle=idle,
+        settle_s=settle,
+    )
+    try:
+        for line in api.run(targets, plan):
+            typer.echo(line)
+    except (api.BenchError, httpx.HTTPError) as exc:
+        typer.echo(f"cube bench api: stopped: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 @bench_app.command("exec")

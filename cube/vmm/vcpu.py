@@ -8,6 +8,10 @@ page, then signal the thread. A thread about to enter KVM_RUN sees the flag and 
 once; one already inside is interrupted by the signal. Either way it comes back to the loop,
 which then parks (pause) or returns (stop). The signal's handler does nothing: Python installs
 it, and its only job is to make the kernel interrupt the ioctl instead of killing the process.
+
+Every return from KVM_RUN is counted by exit reason (the daemon's `cube_vm_exits_total`). These
+are the exits that reach the VMM; exits KVM handles in the kernel (EPT faults, in-kernel APIC and
+PIT, HLT with an in-kernel irqchip) never come back to us and are not counted.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import enum
 import signal
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +27,23 @@ from cube.vmm.bus import Bus
 from cube.vmm.kvm import Vcpu, ffi, lib
 
 KICK_SIGNAL = signal.SIGRTMIN + 2
+
+# Labels for the exit reasons our bindings declare; any other reason is labelled by its number.
+EXIT_NAMES = {
+    lib.KVM_EXIT_UNKNOWN: "unknown",
+    lib.KVM_EXIT_EXCEPTION: "exception",
+    lib.KVM_EXIT_IO: "io",
+    lib.KVM_EXIT_HYPERCALL: "hypercall",
+    lib.KVM_EXIT_DEBUG: "debug",
+    lib.KVM_EXIT_HLT: "hlt",
+    lib.KVM_EXIT_MMIO: "mmio",
+    lib.KVM_EXIT_IRQ_WINDOW_OPEN: "irq_window_open",
+    lib.KVM_EXIT_SHUTDOWN: "shutdown",
+    lib.KVM_EXIT_FAIL_ENTRY: "fail_entry",
+    lib.KVM_EXIT_INTR: "intr",
+    lib.KVM_EXIT_INTERNAL_ERROR: "internal_error",
+    lib.KVM_EXIT_SYSTEM_EVENT: "system_event",
+}
 
 
 def install_kick_handler() -> None:
@@ -55,6 +77,13 @@ class VcpuRunner:
         self._stop = False
         self._pause = False
         self._paused = False
+        # Written only by this vCPU's thread, one dict increment per exit; no lock, because a
+        # reader's dict() copy is one C call that no increment can interleave with.
+        self._exits: Counter[int] = Counter()
+
+    def exit_counts(self) -> Counter[str]:
+        """Exits so far by reason name; safe to call from any thread, while running or after."""
+        return Counter({EXIT_NAMES.get(r, f"reason_{r}"): n for r, n in dict(self._exits).items()})
 
     def run(self) -> None:
         """The thread's body; returns when the VM stops."""
@@ -68,7 +97,7 @@ class VcpuRunner:
                 self._wanted.notify_all()
 
     def _loop(self) -> None:
-        run = self.vcpu.kvm_run
+        run, exits = self.vcpu.kvm_run, self._exits
         while True:
             with self._wanted:
                 while self._pause and not self._stop:
@@ -79,7 +108,9 @@ class VcpuRunner:
                 if self._stop:
                     return
                 run.immediate_exit = 0  # under the lock: a kick after this point is not lost
-            stop = self._dispatch(self.vcpu.run())
+            reason = self.vcpu.run()
+            exits[reason] += 1
+            stop = self._dispatch(reason)
             if stop is not None:
                 self._on_stop(stop)
 

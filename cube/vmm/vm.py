@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -436,6 +437,11 @@ class MicroVm:
 
     def request_stop(self) -> None:
         self._on_vcpu_stop(Stop(StopReason.REQUESTED))
+
+    def exit_counts(self) -> Counter[str]:
+        """KVM exits that reached this VM's vCPU threads, by reason, summed over its vCPUs;
+        still readable after `run()` returned and after `close()`."""
+        return sum((runner.exit_counts() for runner in self.runners), Counter())
 
     def console_tail(self, max_bytes: int = 4096) -> str:
         return self.serial.log_tail(max_bytes).decode(errors="replace")
