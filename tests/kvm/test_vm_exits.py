@@ -36,9 +36,8 @@ def test_backend_keeps_the_exits_of_stopped_vms(tmp_path: Path) -> None:
     backend = VmmBackend(tmp_path / "vms")
     workdir = tmp_path / "vms" / "one"
     workdir.mkdir(parents=True)
-    instance = VmInstance(
-        boot(tmp_path, GUEST), workdir, Resources(cpu_count=1, memory_mb=256, disk_mb=0)
-    )
+    resources = Resources(cpu_count=1, memory_mb=256, disk_mb=0)
+    instance = VmInstance(boot(tmp_path, GUEST), workdir, resources, network=None)
 
     backend._instances.add(instance)  # as a restore does before starting the run task
 
