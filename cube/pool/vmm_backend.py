@@ -25,6 +25,7 @@ therefore restore in parallel. Each VM's `run()` is a task in this backend's nur
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,6 +47,10 @@ from cube.vmm.vm import MicroVm, VmError
 log = logging.getLogger(__name__)
 
 AGENT_TIMEOUT_S = 30.0  # a restored agent answers at once; nested labs are slow
+# Restores in flight, each until its agent answers. A just-restored guest needs CPU to handle
+# the vsock reset and answer; a burst of 50 unbounded restores on a small host starves every
+# one of them past AGENT_TIMEOUT_S (seen in the lab), so bursts queue here, a few per CPU wide.
+STARTS_PER_CPU = 2
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -68,6 +73,7 @@ class VmmBackend:
     def __init__(self, work_dir: Path, network: NetworkManager | None = None) -> None:
         self._work_dir = work_dir
         self._network = network
+        self._starting = trio.CapacityLimiter(STARTS_PER_CPU * (os.cpu_count() or 1))
         self._nursery: trio.Nursery | None = None
         self._instances: set[VmInstance] = set()
         self._stopped_exits: Counter[str] = Counter()  # VM exits of VMs that have stopped
@@ -90,6 +96,10 @@ class VmmBackend:
         return await self._restore(folder, None)
 
     async def _restore(self, folder: Path, resources: Resources | None) -> VmInstance:
+        async with self._starting:
+            return await self._restore_now(folder, resources)
+
+    async def _restore_now(self, folder: Path, resources: Resources | None) -> VmInstance:
         assert self._nursery is not None, "VmmBackend.run is not running"
         workdir = self._work_dir / new_id(12)
         workdir.mkdir(mode=0o700)
