@@ -43,12 +43,12 @@ serve: venv kernel
 	fi
 
 lint: venv
-	$(VENV)/bin/ruff check cube tests
-	$(VENV)/bin/ruff format --check cube tests
+	$(VENV)/bin/ruff check cube tests tools
+	$(VENV)/bin/ruff format --check cube tests tools
 
 format: venv
-	$(VENV)/bin/ruff format cube tests
-	$(VENV)/bin/ruff check --fix cube tests
+	$(VENV)/bin/ruff format cube tests tools
+	$(VENV)/bin/ruff check --fix cube tests tools
 
 test: lint test-unit test-net test-kvm test-lab
 

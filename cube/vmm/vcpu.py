@@ -153,7 +153,11 @@ class VcpuRunner:
         return Stop(StopReason.CRASH, f"unhandled exit {reason} on vCPU {self.vcpu.index}")
 
     def _kick(self) -> None:
-        """Call with `_wanted` held, so the thread cannot exit between the check and the kill."""
+        """Call with `_wanted` held, so the thread cannot exit between the check and the kill.
+        A closed vCPU (its VM stopped by itself and was released; the daemon may still ask it
+        to stop) has no `kvm_run` page and no thread: nothing to kick."""
+        if self.vcpu.kvm_run == ffi.NULL:
+            return
         self.vcpu.kvm_run.immediate_exit = 1
         if self._thread_id is not None:
             signal.pthread_kill(self._thread_id, KICK_SIGNAL)

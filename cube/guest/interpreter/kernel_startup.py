@@ -9,10 +9,12 @@ It registers the display formatters that give results their E2B formats:
 - ``application/json``: dicts and lists (numpy values made plain), so ``{"a": 1}`` as the last
   expression has a ``json`` result as upstream.
 
-It also hooks ``matplotlib.axes`` on import to remember what ``Axes.bxp`` drew, which is how a
-boxplot is told apart from other lines. Everything lives in one function that deletes itself, so
-the user's namespace is left as it was; the modules it loads are never imported under a name a
-user module could clash with.
+It also patches two modules when they are first imported (a kernel that never plots never
+imports them): ``matplotlib.axes``, to remember what ``Axes.bxp`` drew, which is how a boxplot is
+told apart from other lines; and ``PIL.Image``, so that saving an image to a file also displays
+it, as upstream's template does (code written for E2B gets a saved image back as a PNG result).
+Everything lives in one function that deletes itself, so the user's namespace is left as it was;
+the modules it loads are never imported under a name a user module could clash with.
 """
 
 
@@ -20,11 +22,13 @@ def __cube_setup(startup_file: str) -> None:
     import importlib.abc
     import importlib.util
     import math
+    import os
     import sys
     from pathlib import Path
     from typing import Any
 
     import IPython
+    import IPython.display
     from IPython.core.formatters import BaseFormatter, JSONFormatter
     from traitlets import ObjectName, Unicode
 
@@ -95,19 +99,37 @@ def __cube_setup(startup_file: str) -> None:
 
         module.Axes.bxp = bxp
 
-    class AxesImportHook(importlib.abc.MetaPathFinder):
+    def show_saved_images(module: Any) -> None:
+        original = module.Image.save
+
+        def save(self: Any, fp: Any, *args: Any, **kwargs: Any) -> Any:
+            saved = original(self, fp, *args, **kwargs)
+            if isinstance(fp, str | os.PathLike):  # a file object may be anything, even a pipe
+                IPython.display.display(self)
+            return saved
+
+        module.Image.save = save
+
+    class PatchOnImport(importlib.abc.MetaPathFinder):
+        """Runs each module's patch right after the module is first executed."""
+
+        def __init__(self, patches: dict[str, Any]) -> None:
+            self.patches = patches
+
         def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-            if name != "matplotlib.axes":
+            patch = self.patches.pop(name, None)
+            if patch is None:
                 return None
-            sys.meta_path.remove(self)
-            spec = importlib.util.find_spec(name)
+            if not self.patches:
+                sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)  # this finder no longer answers for name
             if spec is None or spec.loader is None:
                 return spec
             exec_module = spec.loader.exec_module
 
             def exec_and_patch(module: Any) -> None:
                 exec_module(module)
-                remember_boxplots(module)
+                patch(module)
 
             spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]
             return spec
@@ -120,10 +142,11 @@ def __cube_setup(startup_file: str) -> None:
         "e2b/chart", "matplotlib.figure", "Figure", lambda fig: load_charts().figure_chart(fig)
     )
     formatters["application/json"] = PlainJSONFormatter(parent=shell.display_formatter)
-    if "matplotlib.axes" in sys.modules:
-        remember_boxplots(sys.modules["matplotlib.axes"])
-    else:
-        sys.meta_path.insert(0, AxesImportHook())
+    patches = {"matplotlib.axes": remember_boxplots, "PIL.Image": show_saved_images}
+    for name in [name for name in patches if name in sys.modules]:
+        patches.pop(name)(sys.modules[name])
+    if patches:
+        sys.meta_path.insert(0, PatchOnImport(patches))
 
 
 __cube_setup(__file__)  # IPython sets __file__ while it runs this file

@@ -146,3 +146,21 @@ def test_dataframe_has_data(sandbox: Sandbox) -> None:
     assert result.is_main_result
     assert result.html is not None and "<table" in result.html
     assert result.data == {"a": [1.0, 2.0, None], "when": ["2024-01-01T00:00:00"] * 3}
+
+
+def test_saving_an_image_to_a_file_also_shows_it(sandbox: Sandbox) -> None:
+    """As in upstream's template: E2B's own suite expects a PNG result from ``image.save``."""
+    code = (
+        "import io\n"
+        "from PIL import Image\n"
+        "image = Image.new('RGB', (4, 4), 'red')\n"
+        "image.save(io.BytesIO(), format='PNG')\n"  # a file object: not shown
+        "image.save('saved.png')\n"
+        "print('saved')"
+    )
+    execution = sandbox.run_code(code)
+    assert execution.error is None
+    assert execution.logs.stdout == ["saved\n"]
+    [result] = execution.results
+    assert result.png is not None
+    assert base64.b64decode(result.png).startswith(PNG_MAGIC)
