@@ -118,6 +118,11 @@ class NetworkManager:
         """Reconcile, install NAT and forwarding (the pool fills in `maintain` or `fill_pool`)."""
         self.reconcile()
         uplink = self.config.uplink or self._default_uplink()
+        if uplink.startswith(self.config.prefix):
+            raise NetworkError(
+                f"uplink {uplink!r} starts with the tap prefix {self.config.prefix!r}: the nft "
+                "rules match taps by that prefix and would treat it as a sandbox's tap"
+            )
         nat.enable_forwarding(self.ns, self.config.ipv6_forwarding)
         nat.install(self.ns, self.config.prefix, uplink, self.config.range4, self.config.range6)
 

@@ -40,7 +40,7 @@ READY_TIMEOUT = 300.0
 SDK_TIMEOUT = 120  # seconds per SDK request: nested TCG is slow
 
 INTERNET_NS = "cube-lab-internet"
-UPLINK, UPLINK4, WAN4 = "cubelabup0", "192.0.2.1", "192.0.2.2"
+UPLINK, UPLINK4, WAN4 = "labnet0", "192.0.2.1", "192.0.2.2"  # not "cube…": taps' prefix
 SERVERS = ("198.51.100.1", "198.51.100.2", "203.0.113.1")  # on the internet's loopback
 SERVER_PORT = 8080
 

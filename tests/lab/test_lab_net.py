@@ -31,7 +31,8 @@ def reaches(sbx: Sandbox, address: str, port: int = SERVER_PORT) -> bool:
     )
     try:
         sbx.commands.run(f'python3 -c "{script}"', timeout=60)
-    except CommandExitException:
+    except CommandExitException as exc:
+        print(f"\n{address}:{port} not reached: {exc.stderr.strip().splitlines()[-1:]}")
         return False
     return True
 

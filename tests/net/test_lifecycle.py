@@ -286,3 +286,9 @@ def test_build_taps_go_with_their_builder(topo):
 def all_links(ns: str) -> list[str]:
     with netns.entered(ns), IPRoute() as ipr:
         return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+
+
+def test_an_uplink_named_like_a_tap_is_refused(topo):
+    """The nft rules match taps by name prefix: such an uplink would be taken for a tap."""
+    with pytest.raises(NetworkError, match="tap prefix"):
+        NetworkManager(NetworkConfig(uplink="cubeup0"), ns=topo.host).start()
