@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from cube import paths
-from cube.pool.records import RecordStore
+from cube.pool.records import SANDBOXES_DIR, RecordStore
 
 sandbox_app = typer.Typer(no_args_is_help=True, help="Inspect and manage running sandboxes.")
 
@@ -61,7 +61,7 @@ def ls_command(
                 f"started {s['startedAt']}  ends {s['endAt']}"
             )
         token = headers.get("X-Next-Token") or None
-    folder = (data_dir or paths.data_dir()) / "sandboxes"
+    folder = (data_dir or paths.data_dir()) / SANDBOXES_DIR
     for record in RecordStore(folder).load_all() if folder.is_dir() else []:
         if record.state == "lost":
             typer.echo(f"{record.sandbox_id}  lost     {record.lost_reason}")

@@ -37,9 +37,9 @@ from cube.net.manager import NetworkManager
 from cube.pool.backend import Backend, Image
 from cube.pool.catalog import Catalog, ChainCatalog, MemoryCatalog, TemplateInfo
 from cube.pool.process_backend import ProcessBackend, ProcessTemplate, write_template
-from cube.pool.records import PAUSED_DIR, RecordStore
+from cube.pool.records import PAUSED_DIR, SANDBOXES_DIR, RecordStore
 from cube.pool.sandboxes import Sandboxes, Settings
-from cube.pool.snapshots import IMAGE_DIR, SnapshotStore
+from cube.pool.snapshots import IMAGE_DIR, SNAPSHOTS_DIR, SnapshotStore
 from cube.pool.template import TemplateStore
 from cube.pool.vmm_backend import VmmBackend
 from cube.pool.warm import WarmPool
@@ -85,7 +85,7 @@ async def run_daemon(
     """Serve until ``shutdown_trigger`` returns; reports the bound addresses when listening."""
     data = data_dir_of(config)
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
-    snapshots = SnapshotStore(data / "sandbox-snapshots")
+    snapshots = SnapshotStore(data / SNAPSHOTS_DIR)
     templates = ChainCatalog(catalog, snapshots)
     pool = WarmPool(backend, config.pool)
     settings = Settings(
@@ -96,7 +96,7 @@ async def run_daemon(
     keys = ApiKeyStore(data)
     if not any(not k.revoked for k in keys.records()):
         log.warning("no API keys yet: every request will get 401; run `cube apikey create`")
-    records = RecordStore(data / "sandboxes")
+    records = RecordStore(data / SANDBOXES_DIR)
     sandboxes = Sandboxes(backend, templates, snapshots, pool, records, settings, network)
     ctx = ApiContext(
         sandboxes=sandboxes,
@@ -177,8 +177,8 @@ def _prune_template_builds(data: Path, store: TemplateStore) -> None:
     folders are found on disk, not through their records: a record that cannot be read must
     not cost its sandbox the parent it needs."""
     folders = [
-        *(data / "sandboxes").glob(f"*/{PAUSED_DIR}"),
-        *(data / "sandbox-snapshots").glob(f"*/{IMAGE_DIR}"),
+        *(data / SANDBOXES_DIR).glob(f"*/{PAUSED_DIR}"),
+        *(data / SNAPSHOTS_DIR).glob(f"*/{IMAGE_DIR}"),
     ]
     needed = set()
     for folder in folders:

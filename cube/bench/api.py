@@ -31,7 +31,7 @@ import httpx
 import trio
 
 from cube.bench.vmm import Latency
-from cube.pool.records import RecordStore
+from cube.pool.records import SANDBOXES_DIR, RecordStore
 
 SANDBOX_TIMEOUT_S = 900  # outlives any one measurement, so nothing expires midway
 REQUEST_TIMEOUT_S = 600.0  # nested labs are slow
@@ -158,7 +158,7 @@ async def _pause_resume(target: Target, plan: Plan, mib: int) -> str:
     pause_ms: list[float] = []
     resume_ms: list[float] = []
     sizes: list[int] = []
-    paused = RecordStore(target.data_dir / "sandboxes") if target.data_dir else None
+    paused = RecordStore(target.data_dir / SANDBOXES_DIR) if target.data_dir else None
     async with target.client() as client:
         sandbox_id = await _create(client, plan.template)
         try:

@@ -19,6 +19,7 @@ from cube.pool.atomic import read, write_atomic
 from cube.pool.backend import Resources
 
 log = logging.getLogger(__name__)
+SANDBOXES_DIR = "sandboxes"  # in the data dir: the RecordStore's root
 PAUSED_DIR = "paused"  # in a sandbox's folder: everything a paused sandbox needs to resume
 
 State = Literal["running", "paused", "lost"]

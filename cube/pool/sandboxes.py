@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import msgspec
 import trio
@@ -95,6 +94,10 @@ def egress_policy(internet: bool | None, network: dict[str, object] | None) -> E
         allow_out=tuple(map(str, lists.get("allowOut") or ())),  # type: ignore[call-overload]
         deny_out=tuple(map(str, lists.get("denyOut") or ())),  # type: ignore[call-overload]
     )
+
+
+def record_egress(record: SandboxRecord) -> EgressPolicy:
+    return egress_policy(record.allow_internet_access, record.network)
 
 
 class Sandboxes:
@@ -312,7 +315,6 @@ class Sandboxes:
     async def _adopt(
         self,
         instance: Instance,
-        *,
         sandbox_id: str,
         token: str,
         env_vars: dict[str, str],
@@ -334,19 +336,6 @@ class Sandboxes:
         network = lease.guest if lease is not None else None
         identity = identity_for(sandbox_id, token, env_vars, network)
         return await push_identity(self._backend, instance, identity)
-
-    @staticmethod
-    def _who(
-        record: SandboxRecord, sandbox_id: str | None = None, token: str | None = None
-    ) -> dict[str, Any]:
-        """``_adopt``'s arguments for ``record``'s sandbox, or for a fork of it that gets its
-        own id and token."""
-        return {
-            "sandbox_id": sandbox_id or record.sandbox_id,
-            "token": token or record.access_token,
-            "env_vars": record.env_vars,
-            "egress": egress_policy(record.allow_internet_access, record.network),
-        }
 
     async def _register(self, record: SandboxRecord, instance: Instance) -> Sandbox:
         sandbox = Sandbox(record, instance)
@@ -427,9 +416,8 @@ class Sandboxes:
                 record.allow_internet_access = internet
             await self._records.save(record)
             if self._network is not None and self._network.has_network(sandbox_id):
-                policy = egress_policy(record.allow_internet_access, record.network)
                 try:
-                    self._network.update_policy(sandbox_id, policy)
+                    self._network.update_policy(sandbox_id, record_egress(record))
                 except (NetworkError, PolicyError) as exc:
                     raise LifecycleError(400, str(exc)) from exc
 
@@ -528,7 +516,10 @@ class Sandboxes:
             except BackendError as exc:
                 raise LifecycleError(500, f"failed to resume sandbox: {exc}") from exc
             try:
-                await self._adopt(instance, **self._who(record))
+                await self._adopt(
+                    instance, record.sandbox_id, record.access_token, record.env_vars,
+                    record_egress(record),
+                )  # fmt: skip
             except BackendError as exc:
                 raise LifecycleError(500, f"resumed sandbox did not answer: {exc}") from exc
             sandbox.instance = instance
@@ -568,7 +559,7 @@ class Sandboxes:
     ) -> Sandbox | LifecycleError:
         sandbox_id, token = new_id(), new_token()
         try:
-            await self._adopt(instance, **self._who(source, sandbox_id, token))
+            await self._adopt(instance, sandbox_id, token, source.env_vars, record_egress(source))
         except BackendError as exc:
             return LifecycleError(500, f"fork did not take its identity: {exc}")
         now = time.time()

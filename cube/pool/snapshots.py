@@ -20,6 +20,7 @@ from cube.pool.backend import Image, Resources
 from cube.pool.catalog import TemplateInfo
 
 log = logging.getLogger(__name__)
+SNAPSHOTS_DIR = "sandbox-snapshots"  # in the data dir: the SnapshotStore's root
 IMAGE_DIR = "image"  # in a snapshot's folder: the backend's startable image
 
 
