@@ -7,7 +7,7 @@ process cannot do:
 - no isolation: the agent runs as the daemon's user on the host (``--host-mode``), and every
   sandbox shares the host's loopback, so guest ports other than envd's and the interpreter's
   are host ports;
-- pause is SIGSTOP of the sandbox's process groups and resume SIGCONT, with no memory
+- pause is SIGSTOP of the sandbox's processes and resume SIGCONT, with no memory
   snapshot. After a restart of the daemon the stopped processes are gone, so a resume then
   starts new ones on the same state folder (files survive, processes do not: a cold boot);
 - fork and snapshot copy the state folder and start new processes: files are copied, running
@@ -262,10 +262,16 @@ class ProcessBackend:
             instance.console_lines.extend(line.decode("utf-8", "replace") for line in lines)
 
     def _signal(self, instance: ProcessInstance, signum: int) -> None:
-        for process in instance.processes:
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signum)
+        """Signal everything the sandbox runs: its process groups, and every process below
+        them, since a PTY command has a session (so a group) of its own."""
+        live = [process for process in instance.processes if process.returncode is None]
+        below = _descendants({process.pid for process in live})
+        for process in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signum)
+        for pid in below:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     # ----- talking to agents ----------------------------------------------------------------
 
@@ -352,6 +358,28 @@ class ProcessBackend:
     async def snapshot(self, instance: ProcessInstance, folder: Path) -> None:
         await trio.to_thread.run_sync(_copy_state, instance.state_dir, folder / STATE)
         await trio.to_thread.run_sync(write_template, folder, instance.template)
+
+
+def _descendants(roots: set[int]) -> set[int]:
+    """Every process below ``roots``, from the parent links in /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:  # it exited while we looked
+            continue
+        parent = int(stat.rpartition(")")[2].split()[1])  # the name before ")" may hold spaces
+        children.setdefault(parent, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
 def _copy_state(source: Path, target: Path) -> None:

@@ -3,6 +3,7 @@ restart of the daemon keeps."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2b import Sandbox, SandboxQuery, SandboxState
+from e2b import PtySize, Sandbox, SandboxQuery, SandboxState
 from e2b.exceptions import SandboxException, SandboxNotFoundException
 
 from cube.pool.atomic import read, write_atomic
@@ -202,3 +203,35 @@ def test_pause_cuts_streams_in_flight(daemon: Daemon) -> None:
     waiter.join(PATIENCE_S)
     assert outcome and isinstance(outcome[0], Exception)
     sbx.kill()
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, T for stopped, Z), or None once reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    return stat.rpartition(")")[2].split()[0]
+
+
+def _pty_shell_pid(sbx: Sandbox) -> int:
+    """The pid of a shell on a PTY, which has a session (and process group) of its own."""
+    handle = sbx.pty.create(PtySize(rows=24, cols=80))
+    output = bytearray()
+    sbx.pty.send_stdin(handle.pid, b"echo PID=$$\n")
+    for _, _, pty in handle:
+        output += pty or b""
+        if match := re.search(rb"PID=(\d+)", output):
+            return int(match.group(1))
+    raise AssertionError(f"no pid in {output!r}")
+
+
+def test_pause_stops_commands_in_their_own_session(daemon: Daemon) -> None:
+    sbx = Sandbox.create(**daemon.opts())
+    shell = _pty_shell_pid(sbx)
+    sbx.pause()
+    eventually(lambda: _process_state(shell) == "T")
+    Sandbox.connect(sbx.sandbox_id, **daemon.opts())
+    eventually(lambda: _process_state(shell) in ("R", "S"))
+    sbx.kill()
+    eventually(lambda: _process_state(shell) in (None, "Z"))
