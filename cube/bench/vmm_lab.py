@@ -241,12 +241,13 @@ def run_boot(kernel: Path, count: int, memory_mib: int) -> str:
     return "\n".join(
         [
             f"cube bench vmm --boot: {kernel}, 1 vCPU, {memory_mib} MiB, marker initramfs",
-            f"boots alternate cube / qemu microvm; {WARMUP} warm-up boot of each excluded",
+            f"timed from asking for the VM; cube and qemu microvm alternate, {WARMUP} warm-up "
+            "boot of each excluded",
             HEADER,
-            to_marker[0].row("cube: boot to init's marker"),
-            to_marker[1].row("qemu microvm: boot to init's marker"),
-            to_end[0].row("cube: boot to VM end (restart)"),
-            to_end[1].row("qemu microvm: boot to VM end"),
+            to_marker[0].row("cube: to init's marker"),
+            to_marker[1].row("qemu microvm: to init's marker"),
+            to_end[0].row("cube: to the VM's end (restart)"),
+            to_end[1].row("qemu microvm: to the VM's end"),
             f"cube/qemu at p50: {to_marker[0].pct(50) / to_marker[1].pct(50):.2f} to the marker, "
             f"{to_end[0].pct(50) / to_end[1].pct(50):.2f} to the VM end",
         ]
