@@ -2,24 +2,78 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cube.bench import egress, virtio_net, vmm
+from cube.bench import egress, virtio_net, vmm, vmm_lab
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure Cube (tables, not verdicts).")
 
 
 @bench_app.command("vmm")
 def bench_vmm(
-    restores: Annotated[int, typer.Option(min=1, help="Restores to time")] = 200,
+    restores: Annotated[
+        int, typer.Option(min=1, help="Restores to time (host tier, and --template's)")
+    ] = 200,
     clones: Annotated[int, typer.Option(min=1, help="Idle clones for the density figure")] = 500,
-    memory: Annotated[int, typer.Option(min=64, help="Guest memory, MiB")] = 256,
+    memory: Annotated[
+        int, typer.Option(min=64, help="Guest memory, MiB (the bench guest's and --boot's)")
+    ] = 256,
+    boot: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Lab tier: boot the guest kernel N times in Cube's VMM and N in QEMU "
+            "microvm, and compare (0: skip)",
+        ),
+    ] = 0,
+    template: Annotated[
+        str | None,
+        typer.Option(
+            help="Lab tier: time --restores restores of this template to its agent's reply"
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="--template's data dir (default: cube serve's)")
+    ] = None,
+    host_tier: Annotated[
+        bool,
+        typer.Option(
+            "--host-tier",
+            help="Also run the host-tier figures (the default without --boot and --template)",
+        ),
+    ] = False,
 ) -> None:
-    """Snapshot restore latency and memory per idle clone, on this host's KVM."""
-    typer.echo(vmm.run(restores, clones, memory))
+    """Restore latency and memory per idle clone on this host's KVM (the host tier); with
+    --boot and/or --template, guest kernel boot vs QEMU microvm and restore to agent reply,
+    which need hardware-style KVM (on PVM hosts: inside `cube lab run`). A refusal (no such
+    KVM, no QEMU, no kernel or template) exits 2 before anything is measured."""
+    if data_dir is not None and template is None:
+        raise typer.BadParameter("goes with --template", param_hint="--data-dir")
+    lab_tier = boot > 0 or template is not None
+    try:
+        with contextlib.ExitStack() as stack:
+            # Every refusal comes before any measurement, so a combined run cannot fail late.
+            if lab_tier:
+                vmm_lab.require_hardware_kvm("--boot" if boot else "--template")
+            kernel = vmm_lab.boot_kernel() if boot else None
+            image = vmm_lab.template_image(template, data_dir) if template else None
+            taps = stack.enter_context(vmm_lab.tap_for(image)) if image else None
+            if host_tier or not lab_tier:
+                typer.echo(vmm.run(restores, clones, memory))
+            if kernel is not None:
+                typer.echo(vmm_lab.run_boot(kernel, boot, memory))
+            if template and image:
+                typer.echo(vmm_lab.run_template(template, image, restores, taps))
+    except vmm_lab.BenchRefused as exc:
+        typer.echo(f"cube bench vmm: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except vmm_lab.BenchFailed as exc:
+        typer.echo(f"cube bench vmm: stopped: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @bench_app.command("net")

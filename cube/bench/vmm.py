@@ -9,6 +9,9 @@ Both use the tiny bench guest (cube.bench.guest), so they run on any KVM, PVM in
 - memory per idle clone: start N clones of a snapshot of a halted guest (its vCPU thread
   sleeps in KVM, as an idle sandbox's does), and divide the host's MemAvailable drop and our
   PSS growth by N.
+
+With a real guest kernel (hardware-style KVM, so the lab on PVM hosts), `--boot` and `--template`
+measure boot to init beside QEMU microvm and restore to the agent's reply: cube.bench.vmm_lab.
 """
 
 from __future__ import annotations

@@ -31,12 +31,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
 from cube.guest.wire import CONTROL_PORT, RELAY_PORT, ControlRequest, Reply
 from cube.net.addressing import Lease
-from cube.net.manager import NetworkManager
 from cube.pool.agent_link import control_call, relay_handshake, wait_answering
 from cube.pool.backend import BackendError, Image, Resources, start_all
 from cube.pool.identity import new_id
@@ -52,6 +52,16 @@ AGENT_TIMEOUT_S = 30.0  # a restored agent answers at once; nested labs are slow
 # one of them past AGENT_TIMEOUT_S (seen in the lab), so bursts queue here, a few per CPU wide.
 STARTS_PER_CPU = 2
 CONNECT_TIMEOUT_S = 10.0
+
+
+class Taps(Protocol):
+    """What the backend needs of the network: a lease (a tap) per VM, given back once the VM has
+    closed it. cube.net.manager.NetworkManager in `cube serve`; `cube bench vmm --template`
+    lends a single unconnected tap."""
+
+    async def lease(self) -> Lease: ...
+
+    def release(self, lease: Lease) -> None: ...
 
 
 @dataclass(eq=False)
@@ -70,7 +80,7 @@ class VmInstance:
 
 
 class VmmBackend:
-    def __init__(self, work_dir: Path, network: NetworkManager | None = None) -> None:
+    def __init__(self, work_dir: Path, network: Taps | None = None) -> None:
         self._work_dir = work_dir
         self._network = network
         self._starting = trio.CapacityLimiter(STARTS_PER_CPU * (os.cpu_count() or 1))

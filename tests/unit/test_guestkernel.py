@@ -107,28 +107,3 @@ def test_without_the_sources_there_is_no_kernel_to_find(
     assert guestkernel.find_kernel() is None
     with pytest.raises(guestkernel.KernelError, match="checkout"):
         guestkernel.kernel_key()
-
-
-def test_test_initramfs_is_a_newc_archive_with_console_and_init() -> None:
-    from tests.lab.artifacts import make_cpio
-
-    archive = make_cpio(b"\x7fELF-init")
-    entries = {}
-    at = 0
-    while True:
-        head = archive[at : at + 110]
-        assert head[:6] == b"070701"
-        fields = [int(head[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
-        mode, size, rdev, namesize = fields[1], fields[6], (fields[9], fields[10]), fields[11]
-        name = archive[at + 110 : at + 110 + namesize - 1].decode()
-        at = (at + 110 + namesize + 3) & ~3
-        if name == "TRAILER!!!":
-            break
-        entries[name] = (mode, rdev, archive[at : at + size])
-        at = (at + size + 3) & ~3
-    assert at == len(archive)
-    assert entries == {
-        "dev": (0o040755, (0, 0), b""),
-        "dev/console": (0o020600, (5, 1), b""),
-        "init": (0o100755, (0, 0), b"\x7fELF-init"),
-    }
