@@ -144,6 +144,9 @@ class VmmBackend:
         except VmError as exc:
             instance.death = str(exc).splitlines()[0]
             log.warning("sandbox VM crashed", extra={"vm": instance.name})
+        except Exception as exc:  # a fault in one VM's devices must not take the daemon down
+            instance.death = f"VMM error: {exc!r}"
+            log.exception("sandbox VM failed in the VMM", extra={"vm": instance.name})
         finally:
             instance.dead.set()
             with trio.CancelScope(shield=True):

@@ -86,12 +86,18 @@ class IrqLines:
         self._fds: dict[int, int] = {}
 
     def trigger(self, gsi: int) -> Callable[[], None]:
-        fd = self._fds.get(gsi)
-        if fd is None:
+        if gsi not in self._fds:
             fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._fds[gsi] = fd
             self._vm.irqfd(fd, gsi)
-        return functools.partial(os.eventfd_write, fd, 1)
+        return functools.partial(self._fire, gsi)
+
+    def _fire(self, gsi: int) -> None:
+        """Raise the line; once closed, a no-op, so a late interrupt never writes to whatever
+        file has since taken the eventfd's number."""
+        fd = self._fds.get(gsi)
+        if fd is not None:
+            os.eventfd_write(fd, 1)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -448,6 +454,19 @@ class MicroVm:
 
     async def run(self) -> Stop:
         """Run the guest until it stops; raise VmError if it crashed."""
+        try:
+            await self._run_until_stopped()
+        finally:
+            if self.vsock is not None:
+                self.vsock.stop()
+        stop = self.stop or Stop(StopReason.REQUESTED)
+        if stop.reason is StopReason.CRASH:
+            raise VmError(
+                f"guest stopped: {stop.detail}\n--- console tail ---\n{self.console_tail()}"
+            )
+        return stop
+
+    async def _run_until_stopped(self) -> None:
         limiter = trio.CapacityLimiter(len(self.runners))
         async with trio.open_nursery() as nursery:
             remaining = len(self.runners)
@@ -474,12 +493,6 @@ class MicroVm:
                 nursery.start_soon(self.net.run)
             for runner in self.runners:
                 nursery.start_soon(run_vcpu, runner)
-        stop = self.stop or Stop(StopReason.REQUESTED)
-        if stop.reason is StopReason.CRASH:
-            raise VmError(
-                f"guest stopped: {stop.detail}\n--- console tail ---\n{self.console_tail()}"
-            )
-        return stop
 
     def close(self) -> None:
         """Release everything; the guest must not be running (after `run()` returned)."""

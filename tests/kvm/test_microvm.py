@@ -89,4 +89,6 @@ def test_vm_create_destroy_cycles_do_not_leak(tmp_path: Path) -> None:
     before = count()
     for _ in range(50):
         boot(tmp_path, b"\xf4").close()
-    assert count() == before
+    fds, maps = count()
+    # Fewer mappings is no leak: an idle worker thread of an earlier test may exit meanwhile.
+    assert fds == before[0] and maps <= before[1]

@@ -225,3 +225,29 @@ async def test_full_rx_ring_holds_data_until_the_guest_posts_buffers(guest: Gues
     await settle()
     rest = sum(len(p) for _, p in guest.receive())
     assert first == 6 * 4096 and first + rest == 7 * 4096
+
+
+@with_guest
+async def test_a_stopped_device_ends_its_streams_and_never_touches_the_queues(guest: Guest) -> None:
+    stream = await _connect(guest, 49983)
+    listener = guest.dev.listen(1024)
+    outcome: list[bytes] = []
+
+    async def read() -> None:
+        outcome.append(await stream.receive_some())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await settle()
+        guest.dev.stop()  # the VM's memory and interrupt lines go next
+    assert outcome == [b""]  # the parked reader sees the end of the stream
+    posted_before = guest.rx.take_used()
+    with pytest.raises(trio.BrokenResourceError):
+        await stream.send_all(b"late")
+    await stream.aclose()  # a late close from the proxy is quiet
+    with pytest.raises(ConnectionRefusedError):
+        await guest.dev.connect(49983)
+    with pytest.raises(trio.ClosedResourceError):
+        await listener.accept()
+    await settle()
+    assert posted_before == [] and guest.rx.take_used() == []  # nothing written into RX

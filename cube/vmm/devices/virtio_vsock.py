@@ -191,9 +191,13 @@ class VsockListener(trio.abc.Listener[VsockStream]):
         except trio.EndOfChannel:
             raise trio.ClosedResourceError("listener closed") from None
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """Stop taking connections; `accept` then raises ClosedResourceError."""
         self._device.unlisten(self.port)
         self._send.close()
+
+    async def aclose(self) -> None:
+        self.close()
         await trio.lowlevel.checkpoint()
 
 
@@ -219,6 +223,7 @@ class VirtioVsock:
         self._reset_acked = trio.lowlevel.ParkingLot()
         self._pumping = False
         self._pump_again = False
+        self._stopped = False
         # Start at a random port: a clone's guest still remembers the connections of the moment
         # it was snapshotted until it handles the transport reset, and a REQUEST that reuses one
         # of their port pairs is taken as a duplicate and dropped.
@@ -252,6 +257,22 @@ class VirtioVsock:
     def _kick(self) -> None:
         os.eventfd_write(self.kick_fd, 1)
 
+    def stop(self) -> None:
+        """The VM has stopped for good (on the trio thread, once `run` has ended).
+
+        Host tasks may still hold streams (a proxied request, a control call) and would
+        otherwise wait on a guest that is gone, or pump queues whose memory and interrupt lines
+        are about to be freed. Every connection is reset, so readers see the end of the stream
+        and writers BrokenResourceError; listeners close; connecting is refused; and nothing
+        touches the queues again.
+        """
+        self._stopped = True
+        self._transport = None
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        for listener in list(self._listeners.values()):
+            listener.close()
+
     def close_fd(self) -> None:
         os.close(self.kick_fd)
 
@@ -274,6 +295,8 @@ class VirtioVsock:
         Linux handles the event queue and RX in separate work items, so a connection made
         before the event is handled would be reset with the snapshot's old ones.
         """
+        if self._stopped:
+            raise ConnectionRefusedError("the VM has stopped")
         with trio.move_on_after(timeout):
             while self._reset_events or self._reset_unacked_at is not None:
                 await self._reset_acked.park()
