@@ -20,7 +20,7 @@ stop() {
     local status=$?
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait
-    [ "$status" = 0 ] || tail -n 30 "$vmm/serve.log" "$process/serve.log" 2>/dev/null || true
+    [ "$status" = 0 ] || tail -n 80 "$vmm/serve.log" "$process/serve.log" 2>/dev/null || true
 }
 trap stop EXIT
 

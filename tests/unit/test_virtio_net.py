@@ -560,3 +560,32 @@ def test_lost_tap_stops_rx_and_drops_tx(ns: ScratchNetns) -> None:
 def test_bench_counts_every_frame(frame_bytes: int, tso: bool) -> None:
     result = bench.measure(rounds=1, frame_bytes=frame_bytes, tso=tso)
     assert result.frames == 256 and result.tx_fps > 0 and result.rx_fps > 0
+
+
+def test_a_device_without_a_tap_drops_tx_and_leaves_rx_empty() -> None:
+    """A snapshot restored where the daemon runs without networking: a NIC with nothing behind."""
+    dev = vn.VirtioNet(None, GUEST_MAC)
+    drv = Driver(dev, BASE)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dev.run)
+            assert drv.bring_up(num_queues=2) & mmio.STATUS_DRIVER_OK
+            rx, tx = drv.queues
+            rx.post([(DATA_BASE, RX_BUF, True)])
+            drv.kick(vn.RX)
+            drv.ram.write(0xC0000, bytes(12) + out(b"nowhere" * 10))
+            head = tx.post([(0xC0000, 12 + len(out(b"nowhere" * 10)), False)])
+            drv.kick(vn.TX)
+            with trio.fail_after(10):
+                while not (used := tx.take_used()):
+                    await trio.sleep(0.001)
+            assert used == [(head, 0)] and dev.counters.tx_dropped == 1
+            await trio.sleep(0.1)
+            assert rx.take_used() == [] and dev.counters.tap_lost
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        dev.close()

@@ -33,7 +33,9 @@ flight when the guest resets may still finish against the old queue.
 Guest input is untrusted: a chain with the wrong direction of buffers, a receive buffer too
 small for a header, or more buffers than one readv takes is a broken queue (NEEDS_RESET, as in
 the other devices); a bad frame is only dropped. If the tap goes away under us (the network
-layer deleted it), TX frames are dropped and counted and RX stops polling the dead fd.
+layer deleted it), TX frames are dropped and counted and RX stops polling the dead fd. A
+device made with no tap at all (a snapshot restored where the daemon runs without sandbox
+networking) starts in that state: the guest keeps its NIC, and nothing passes.
 """
 
 from __future__ import annotations
@@ -140,11 +142,11 @@ class VirtioNet:
     device_id = DEVICE_ID
     queue_sizes = (256, 256)
 
-    def __init__(self, tap_name: str, mac: str) -> None:
+    def __init__(self, tap_name: str | None, mac: str) -> None:
         self.mac = mac
         self._mac = parse_mac(mac)
         self.tap_name = tap_name
-        self.counters = NetCounters()
+        self.counters = NetCounters(tap_lost=tap_name is None)
         self._transport: VirtioMmio | None = None
         self._generation = 0  # bumped by activate and reset: a stash from before is void
         self._stash: deque[_RxBuffer] = deque()
@@ -155,7 +157,7 @@ class VirtioNet:
         self._gate = threading.Condition()
         self._paused = self._stopping = False
         self._busy = 0  # threads inside a step
-        self._tap_fd = tap.open_tap(tap_name)
+        self._tap_fd = tap.open_tap(tap_name) if tap_name is not None else None
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # One eventfd per queue, in queue order: the VM binds each to that queue's ioeventfd.
         self.kick_fds = tuple(
@@ -163,8 +165,8 @@ class VirtioNet:
         )
 
     @classmethod
-    def from_state(cls, state: NetState, tap_name: str) -> VirtioNet:
-        """The device of a snapshot, attached to `tap_name` (a clone's own tap)."""
+    def from_state(cls, state: NetState, tap_name: str | None) -> VirtioNet:
+        """The device of a snapshot, attached to `tap_name` (a clone's own tap), or to none."""
         return cls(tap_name, state.mac)
 
     def state(self) -> NetState:
@@ -186,7 +188,8 @@ class VirtioNet:
 
     def activate(self, transport: VirtioMmio) -> None:
         try:
-            tap.set_offload(self._tap_fd, tun_offload(transport.acked_features))
+            if self._tap_fd is not None:
+                tap.set_offload(self._tap_fd, tun_offload(transport.acked_features))
         except OSError:
             self.counters.tap_lost = True  # a vCPU thread must not die of a deleted tap
         self._generation += 1
@@ -208,7 +211,8 @@ class VirtioNet:
     def close(self) -> None:
         """Release the tap and the eventfds; `run()` must have returned."""
         for fd in (self._tap_fd, self._stop_fd, *self.kick_fds):
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     # Threads.
 
@@ -330,7 +334,8 @@ class VirtioNet:
         c = self.counters
         views = [mem.view(b.addr, b.length) for b in chain.buffers if b.length]
         flags, gso_type = _first_bytes(views, 2)
-        if length > MAX_FRAME or not _tx_header_allowed(transport.acked_features, flags, gso_type):
+        allowed = _tx_header_allowed(transport.acked_features, flags, gso_type)
+        if self._tap_fd is None or length > MAX_FRAME or not allowed:
             c.tx_dropped += 1
             return True
         try:
