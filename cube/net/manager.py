@@ -53,6 +53,10 @@ from cube.net.rules import RuleSet
 log = logging.getLogger(__name__)
 
 MAINTAIN_INTERVAL = 0.5  # seconds between pool refills / log drains / pin expiry
+# Seconds between reads of the host's addresses for the always-deny list. A read dumps every
+# address (each tap's gateway among them) through pyroute2, which costs real CPU per address:
+# done on every tick on the trio thread, it kept an idle daemon busy and stalled its API.
+BLOCKLIST_INTERVAL = 5.0
 
 
 class NetworkConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -109,8 +113,8 @@ class NetworkManager:
         self._assigned: dict[str, _Leased] = {}  # by sandbox id
         self._refill = trio.Event()
         self._nursery: trio.Nursery | None = None  # maintain()'s, where resolvers run
-        with netns.entered(ns), IPRoute() as ipr:
-            self._blocked = self._blocklist(ipr)
+        self._blocked = self._read_blocklist()
+        self._blocklist_due = 0.0  # trio time of the next read
 
     # -- setup and teardown of the whole host side --------------------------------------------
 
@@ -161,12 +165,14 @@ class NetworkManager:
 
     # -- slots ------------------------------------------------------------------------------
 
-    def _blocklist(self, ipr: IPRoute) -> frozenset[IPNetwork]:
-        """The always-deny list for this host now: fixed ranges, sandbox ranges, host addresses."""
-        host = [
-            ipaddress.ip_network(msg.get_attr("IFA_ADDRESS").split("%")[0])
-            for msg in ipr.get_addr()
-        ]
+    def _read_blocklist(self) -> frozenset[IPNetwork]:
+        """The always-deny list for this host now: fixed ranges, sandbox ranges, host addresses.
+        Runs in any thread (it enters the namespace on its own)."""
+        with netns.entered(self.ns), IPRoute() as ipr:
+            host = [
+                ipaddress.ip_network(msg.get_attr("IFA_ADDRESS").split("%")[0])
+                for msg in ipr.get_addr()
+            ]
         return _collapse(always_deny([self._plan.range4, self._plan.range6, *host]))
 
     def _filter(self, ipr: IPRoute, ifindex: int) -> EgressFilter:
@@ -181,9 +187,11 @@ class NetworkManager:
 
     def refresh_blocklist(self) -> None:
         """Follow the host's addresses (DHCP, a new bridge...) into every filter's always-deny
-        list; `maintain` calls this on every tick. New entries go in before old ones go out."""
-        with netns.entered(self.ns), IPRoute() as ipr:
-            blocked = self._blocklist(ipr)
+        list; `maintain` does this every BLOCKLIST_INTERVAL, reading in a worker thread."""
+        self._apply_blocklist(self._read_blocklist())
+
+    def _apply_blocklist(self, blocked: frozenset[IPNetwork]) -> None:
+        """New entries go in before old ones go out."""
         if blocked == self._blocked:
             return
         filters = [s.filter for s in self._pool] + [s.slot.filter for s in self._leases.values()]
@@ -358,7 +366,9 @@ class NetworkManager:
                 leased.slot.filter.drain_log()
                 if leased.rules is not None:
                     leased.rules.expire()
-            self.refresh_blocklist()
+            if trio.current_time() >= self._blocklist_due:
+                self._blocklist_due = trio.current_time() + BLOCKLIST_INTERVAL
+                self._apply_blocklist(await trio.to_thread.run_sync(self._read_blocklist))
             await self.fill_pool()
         except Exception:
             log.exception("sandbox network upkeep failed; retrying")
