@@ -7,7 +7,7 @@ packages=(
   # Python venv and headers for the cffi KVM bindings (the host python may be Debian's)
   python3 python3-venv python3-dev build-essential
   # guest kernel: Debian's 6.12 source and what its build needs
-  linux-source-6.12 flex bison bc libelf-dev libssl-dev cpio xz-utils zstd
+  linux-source-6.12 flex bison bc libelf-dev libssl-dev cpio xz-utils
   # the nested lab and template images
   qemu-system-x86 qemu-utils debootstrap e2fsprogs
   # eBPF egress filter and sandbox networking

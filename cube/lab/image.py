@@ -18,7 +18,6 @@ from __future__ import annotations
 import lzma
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tomllib
@@ -29,16 +28,12 @@ from cube import artifacts
 from cube.paths import CHECKOUT_DIR
 
 SUITE = "bookworm"
-# L1's kernel comes from backports (6.12): bookworm's 6.1 KVM, nested on QEMU's emulated AMD-V,
-# livelocks in KVM_RUN delivering an L2 timer interrupt (soft lockups in __apic_accept_irq,
-# both L1 CPUs, never returning to the VMM; seen under bursts of snapshot restores).
-KERNEL_SUITE = f"{SUITE}-backports"
-KERNEL_PACKAGE = "linux-image-amd64"
 MIRROR = "http://deb.debian.org/debian"
 PACKAGES = (
     "python3",
     "iproute2",
     "kmod",
+    "linux-image-amd64",
     # the initramfs generator needs udev; without it the initrd cannot find the root disk
     "udev",
     # lab tests boot the guest kernel with QEMU -M microvm inside L1 as a peer to our VMM
@@ -77,8 +72,6 @@ KERNEL_NAME = "vmlinux"
 INITRD_NAME = "initrd.img"
 HEADROOM = 1 << 30
 XZ_MAGIC = b"\xfd7zXZ\x00"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-SETUP_HEADER_END = 0x250  # through payload_length
 
 # The initrd only has to find the virtio root disk. Debian's default (MODULES=most) packs ~35 MB
 # of drivers that TCG then spends seconds unpacking and probing on every boot.
@@ -121,7 +114,6 @@ def _build(out: Path) -> None:
             MIRROR,
         ]
     )
-    _install_kernel(rootfs)
     _drop_apt_caches(rootfs)
     _install_python_deps(rootfs)
     for path, text in SYSTEM_FILES.items():
@@ -142,16 +134,6 @@ def _run(argv: list[str]) -> None:
     """Run a build step with its output streamed to ours, so a slow build shows progress."""
     print(f"cube lab build: {' '.join(argv)}", file=sys.stderr, flush=True)
     subprocess.run(argv, check=True)
-
-
-def _install_kernel(rootfs: Path) -> None:
-    """KERNEL_PACKAGE from KERNEL_SUITE, by L1's own apt (its postinst builds the initrd)."""
-    sources = rootfs / "etc/apt/sources.list.d/cube-lab-kernel.list"
-    sources.write_text(f"deb {MIRROR} {KERNEL_SUITE} main\n")
-    _run(["chroot", str(rootfs), "apt-get", "update", "-q"])
-    _run(["chroot", str(rootfs), "apt-get", "install", "-q", "-y", "--no-install-recommends",
-          "-t", KERNEL_SUITE, KERNEL_PACKAGE])  # fmt: skip
-    sources.unlink()
 
 
 def _drop_apt_caches(rootfs: Path) -> None:
@@ -204,23 +186,11 @@ def _boot_files(rootfs: Path) -> tuple[Path, Path]:
 
 
 def extract_vmlinux(bzimage: bytes) -> bytes:
-    """The kernel ELF inside a bzImage: its compressed payload, found by the boot protocol's
-    setup header (the kernel's Documentation/arch/x86/boot.rst: setup_sects, payload_offset,
-    payload_length), in xz (Debian's 6.1) or zstd (its 6.12). The payload ends with the
-    4-byte decompressed size, which is not part of the stream."""
-    if len(bzimage) < SETUP_HEADER_END or bzimage[0x202:0x206] != b"HdrS":
-        raise ImageError("not a bzImage (no setup header)")
-    setup_sects = bzimage[0x1F1] or 4
-    offset, length = struct.unpack_from("<II", bzimage, 0x248)
-    start = (setup_sects + 1) * 512 + offset
-    payload = bzimage[start : start + length - 4]
-    if payload.startswith(XZ_MAGIC):
-        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
-    elif payload.startswith(ZSTD_MAGIC):
-        elf = subprocess.run(["zstd", "-d", "-c", "-q"], input=payload, capture_output=True,
-                             check=True).stdout  # fmt: skip
-    else:
-        raise ImageError(f"the bzImage's payload is neither xz nor zstd ({payload[:4].hex()})")
+    """The kernel ELF inside a bzImage (Debian compresses its kernels with xz)."""
+    start = bzimage.find(XZ_MAGIC)
+    if start < 0:
+        raise ImageError("no xz-compressed kernel found in the bzImage")
+    elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[start:])
     if not elf.startswith(b"\x7fELF"):
         raise ImageError("the bzImage's payload is not an ELF kernel")
     return elf
