@@ -144,7 +144,9 @@ def _pie_chart(wedges: list[Wedge]) -> dict[str, Any]:
     elements = [
         {
             "label": w.get_label(),
-            "angle": round(abs(w.theta2 - w.theta1), 9),
+            # matplotlib keeps wedge angles as float32 (~7 significant digits): a 36° wedge
+            # reads 35.999996, and past 4 decimals of a degree (up to 360) is that noise
+            "angle": round(abs(w.theta2 - w.theta1), 4),
             "radius": _number(w.r),
         }
         for w in wedges

@@ -56,7 +56,7 @@ PIE_AND_BOX = """
 import matplotlib.pyplot as plt
 fig, (pie, box) = plt.subplots(1, 2)
 fig.suptitle('Both')
-pie.pie([75, 25], labels=['yes', 'no'])
+pie.pie([90, 10], labels=['yes', 'no'])
 box.boxplot([[1, 2, 3, 4, 5, 20]], tick_labels=['only'])
 plt.show()
 """
@@ -120,7 +120,7 @@ def test_superchart_of_pie_and_box(sandbox: Sandbox) -> None:
     assert chart.title == "Both"
     pie, box = chart.elements
     assert isinstance(pie, PieChart)
-    assert [(w.label, w.angle, w.radius) for w in pie.elements] == [("yes", 270, 1), ("no", 90, 1)]
+    assert [(w.label, w.angle, w.radius) for w in pie.elements] == [("yes", 324, 1), ("no", 36, 1)]
     assert isinstance(box, BoxAndWhiskerChart)
     [stats] = box.elements
     assert stats.label == "only"
