@@ -53,7 +53,7 @@ EXIT_LAB_FAILURE = 125  # L1 did not come up or did not report the command's sta
 # a fault of the emulation stack, which real hardware does not have. Such a run is repeated
 # (loudly); a command that fails on its own is never repeated.
 L1_PANIC = "Kernel panic - not syncing"
-PANIC_ATTEMPTS = 2
+PANIC_ATTEMPTS = 3
 
 RUN_TAG = "labrun"  # l1-init.sh mounts this share at /run/lab
 SHARES_FILE = "shares"
@@ -69,6 +69,9 @@ KERNEL_CMDLINE = (
     f"root=/dev/vda rw console=ttyS0 init={INIT_PATH} "
     # a dying init panics, the kernel then reboots, and -no-reboot turns that into QEMU exiting
     "panic=-1 net.ifnames=0 "
+    # L1's KVM can livelock under emulated nested SVM (README, "The nested lab"); a soft lockup
+    # then panics L1, which ends the run early as a panic, and the runner repeats it
+    "softlockup_panic=1 "
     # the CPU is emulated; speculative-execution mitigations only cost time here
     "mitigations=off"
 )

@@ -317,7 +317,7 @@ def test_lab_requirements_are_the_projects_runtime_and_test_ones(tmp_path: Path)
     ("results", "expected", "runs"),
     [
         ([(125, True), (0, False)], 0, 2),  # L1 panicked: the command runs once more
-        ([(125, True), (125, True)], 125, 2),  # ...but only once more
+        ([(125, True), (125, True), (125, True)], 125, 3),  # ...but at most twice more
         ([(1, False)], 1, 1),  # the command's own failure is never repeated
     ],
 )
