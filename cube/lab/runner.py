@@ -69,9 +69,6 @@ KERNEL_CMDLINE = (
     f"root=/dev/vda rw console=ttyS0 init={INIT_PATH} "
     # a dying init panics, the kernel then reboots, and -no-reboot turns that into QEMU exiting
     "panic=-1 net.ifnames=0 "
-    # L1's KVM can livelock under emulated nested SVM (README, "The nested lab"); a soft lockup
-    # then panics L1, which ends the run early as a panic, and the runner repeats it
-    "softlockup_panic=1 "
     # the CPU is emulated; speculative-execution mitigations only cost time here
     "mitigations=off"
 )
