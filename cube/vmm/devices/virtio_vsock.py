@@ -264,8 +264,10 @@ class VirtioVsock:
         otherwise wait on a guest that is gone, or pump queues whose memory and interrupt lines
         are about to be freed. Every connection is reset, so readers see the end of the stream
         and writers BrokenResourceError; listeners close; connecting is refused; and nothing
-        touches the queues again.
+        touches the queues again. What the guest sent before it stopped (the reply to a
+        "poweroff", say) is taken from its TX ring first, while its memory is still mapped.
         """
+        self.pump()
         self._stopped = True
         self._transport = None
         for conn in list(self._conns.values()):
