@@ -228,6 +228,21 @@ async def test_full_rx_ring_holds_data_until_the_guest_posts_buffers(guest: Gues
 
 
 @with_guest
+async def test_stopping_takes_what_the_guest_sent_last_before_ending_the_streams(
+    guest: Guest,
+) -> None:
+    """The reply to a poweroff is in the TX ring, its kick not yet seen, when the VM stops."""
+    stream = await _connect(guest, 1234)
+    hdr = vs.Header(GUEST_CID, vs.HOST_CID, 1234, stream.host_port, 3, vs.TYPE_STREAM,
+                    vs.Op.RW, 0, 65536, 0)  # fmt: skip
+    guest.drv.ram.write(0xE0000, hdr.pack() + b"bye")
+    guest.tx.post([(0xE0000, vs.HEADER.size + 3, False)])  # no kick: the VM stopped first
+    guest.dev.stop()
+    assert await stream.receive_some() == b"bye"
+    assert await stream.receive_some() == b""
+
+
+@with_guest
 async def test_a_stopped_device_ends_its_streams_and_never_touches_the_queues(guest: Guest) -> None:
     stream = await _connect(guest, 49983)
     listener = guest.dev.listen(1024)

@@ -12,7 +12,7 @@ import hypercorn.trio
 import trio
 from hypercorn.config import Config
 
-from cube.guest.agent import ENVD_VERSION
+from cube.guest.agent import ENVD_VERSION, identity
 from cube.guest.agent.app import create_app
 from cube.guest.agent.control import Control
 from cube.guest.agent.files import FilesApi
@@ -91,6 +91,8 @@ async def run(options: Options, ring: RingHandler) -> None:
     # Files envd creates are 0644 and directories 0755 whatever umask started us.
     os.umask(0o022)
     users = Users(options.host_home)
+    if not users.host_mode:
+        identity.preload()  # before "ready", so a template's snapshot holds it
     for home in users.host_homes():
         os.makedirs(home, exist_ok=True)
     state = AgentState(users, options.state_dir)
