@@ -10,19 +10,23 @@ Life of a sandbox's network:
   network until `assign()` validates the sandbox's policy and hands the filter to it: its
   identity (MAC, addresses) and rules go into the maps. `allocate()` does both at once.
 - `update_policy()` edits the maps in place; the change applies to the next packet.
-- `release()` (once the VM holding the lease has stopped) gives the slot's tap a brand-new
-  filter (attached before the old one is closed, so the tap is never unfiltered), closes the
-  old one (detaching it, freeing program and maps) and puts the slot back at the end of the
-  pool, marked as still having the old sandbox's conntrack entries; those are deleted
-  (conntrack.py) before the slot is handed out again, for all such slots in one table walk,
-  usually by `maintain` ahead of time. Program, maps, counters and log are never reused, so
-  nothing a sandbox did to them reaches the next one; only the tap and its fixed per-slot
-  addresses are. A tap that still has a carrier (some process still holds it open, e.g. a VMM
-  that was not stopped) is deleted instead: that fd must not end up speaking for the next
-  sandbox. Taps beyond the pool size are deleted too.
-- `maintain()` runs in the daemon's nursery: refills the pool, expires DNS pins, moves drop
-  events from the ring buffers into the bounded per-sandbox logs, and hosts each sandbox's DNS
-  resolver (dns.py) on its gateway. Sandboxes assigned while it is not running get no resolver.
+- `release()` (once the VM holding the lease has stopped) ends the sandbox's network: its rules,
+  resolver and id go at once, and the slot waits, its old filter still attached, to be
+  recycled by the next `fill_pool()` (which `maintain` runs at once). Recycling happens in a
+  worker thread, since loading a program and talking netlink would stall every request of the
+  daemon meanwhile: the slot's tap gets a brand-new filter (attached before the old one is
+  closed, so the tap is never unfiltered), the old one is closed (detaching it, freeing program
+  and maps) and the slot goes back at the end of the pool, marked as still having the old
+  sandbox's conntrack entries; those are deleted (conntrack.py) before the slot is handed out
+  again, for all such slots in one table walk, usually by `maintain` ahead of time. Program,
+  maps, counters and log are never reused, so nothing a sandbox did to them reaches the next
+  one; only the tap and its fixed per-slot addresses are. A tap that still has a carrier (some
+  process still holds it open, e.g. a VMM that was not stopped) is deleted instead: that fd
+  must not end up speaking for the next sandbox. Taps beyond the pool size are deleted too.
+- `maintain()` runs in the daemon's nursery: recycles and refills the pool, expires DNS pins,
+  moves drop events from the ring buffers into the bounded per-sandbox logs, and hosts each
+  sandbox's DNS resolver (dns.py) on its gateway. Sandboxes assigned while it is not running
+  get no resolver.
 
 Nothing is pinned in bpffs and the nft rules match taps by name, so after a crash the only
 leftovers are taps, with their clsact filters still attached and dropping (fail closed), and
@@ -109,6 +113,7 @@ class NetworkManager:
         self._plan = AddressPlan(self.config.range4, self.config.range6, self.config.prefix)
         self._object: Path = object_path()
         self._pool: deque[_Slot] = deque()  # oldest first: addresses are reused late
+        self._returned: deque[_Slot] = deque()  # released, to be recycled or deleted
         self._leases: dict[str, _Leased] = {}  # by tap name
         self._assigned: dict[str, _Leased] = {}  # by sandbox id
         self._refill = trio.Event()
@@ -137,7 +142,7 @@ class NetworkManager:
         is safe. Programs and maps need nothing: they are never pinned, a TCX link dies with the
         fds of the process that made it, and a clsact filter dies with its tap.
         """
-        held = {s.addresses.tap for s in self._pool} | set(self._leases)
+        held = {s.addresses.tap for s in (*self._pool, *self._returned)} | set(self._leases)
         with netns.entered(self.ns), IPRoute() as ipr:
             for name in tap.cube_taps(ipr, self.config.prefix):
                 if name not in held:
@@ -150,9 +155,10 @@ class NetworkManager:
     def close(self) -> None:
         """Release every lease, empty the pool and remove the nft table."""
         for leased in list(self._leases.values()):
-            self._release(leased)
-        while self._pool:
-            self._destroy(self._pool.pop())
+            self.release(leased.slot.addresses.lease())
+        for slots in (self._returned, self._pool):
+            while slots:
+                self._destroy(slots.pop())
         nat.remove(self.ns)
 
     def _default_uplink(self) -> str:
@@ -175,15 +181,23 @@ class NetworkManager:
             ]
         return _collapse(always_deny([self._plan.range4, self._plan.range6, *host]))
 
-    def _filter(self, ipr: IPRoute, ifindex: int) -> EgressFilter:
-        """A new filter on `ifindex`, closed (drops everything), with the always-deny list."""
+    def _filter(self, ipr: IPRoute, ifindex: int, blocked: frozenset[IPNetwork]) -> EgressFilter:
+        """A new filter on `ifindex`, closed (drops everything), with the always-deny list
+        `blocked` (the list when the caller began: see `_catch_up`). Runs in any thread."""
         flt = EgressFilter(self._object, ifindex, self.ns, tcx=self.config.tcx)
         try:
-            flt.add("block", self._blocked)
+            flt.add("block", blocked)
         except BaseException:
             flt.close()
             raise
         return flt
+
+    def _catch_up(self, flt: EgressFilter, blocked: frozenset[IPNetwork]) -> None:
+        """Bring a filter built in a worker thread with the always-deny list `blocked` to the
+        current one: the list may have changed meanwhile, and the change skipped that filter,
+        which was in neither the pool nor a lease."""
+        flt.add("block", self._blocked - blocked)
+        flt.remove("block", blocked - self._blocked)
 
     def refresh_blocklist(self) -> None:
         """Follow the host's addresses (DHCP, a new bridge...) into every filter's always-deny
@@ -201,36 +215,81 @@ class NetworkManager:
             flt.remove("block", self._blocked - blocked)
         self._blocked = blocked
 
-    def _build(self, addresses: SlotAddresses) -> _Slot:
+    def _build(self, addresses: SlotAddresses, blocked: frozenset[IPNetwork]) -> _Slot:
         """Create a slot's tap and attached (closed) filter; runs in any thread."""
         with netns.entered(self.ns), IPRoute() as ipr:
             try:
                 index = tap.create(ipr, addresses)
-                flt = self._filter(ipr, index)
+                flt = self._filter(ipr, index, blocked)
             except BaseException:
                 tap.delete(ipr, addresses.tap)
                 raise
         return _Slot(addresses=addresses, ifindex=index, filter=flt)
 
     async def _new_slot(self) -> _Slot:
-        addresses = self._plan.take()
+        addresses, blocked = self._plan.take(), self._blocked
         try:
-            return await trio.to_thread.run_sync(self._build, addresses)
+            slot = await trio.to_thread.run_sync(self._build, addresses, blocked)
         except BaseException:
             self._plan.give_back(addresses.slot)
             raise
+        self._catch_up(slot.filter, blocked)
+        return slot
 
-    def _destroy(self, slot: _Slot) -> None:
-        """Close the slot's filter, delete its tap and flows, and free its addresses."""
+    def _teardown(self, slot: _Slot) -> None:
+        """Close the slot's filter, delete its tap and flows; runs in any thread."""
         a = slot.addresses
         slot.filter.close()
         with netns.entered(self.ns), IPRoute() as ipr:
             tap.delete(ipr, a.tap)
             conntrack.forget([a.guest4, a.guest6])
-        self._plan.give_back(a.slot)
+
+    def _destroy(self, slot: _Slot) -> None:
+        self._teardown(slot)
+        self._plan.give_back(slot.addresses.slot)
+
+    def _renew(self, slot: _Slot, keep: bool, blocked: frozenset[IPNetwork]) -> EgressFilter | None:
+        """A released slot's fresh filter, or None once the slot is torn down (not `keep`,
+        still carrying, or no new filter could be made); runs in a worker thread, on a slot
+        nothing else can reach."""
+        fresh = None
+        try:
+            with netns.entered(self.ns), IPRoute() as ipr:
+                try:
+                    busy = ipr.get_links(slot.ifindex)[0].get_attr("IFLA_CARRIER")
+                except NetlinkError:  # the tap is gone already: nothing to recycle
+                    busy = True
+                if keep and not busy:
+                    fresh = self._filter(ipr, slot.ifindex, blocked)
+        finally:
+            if fresh is None:
+                self._teardown(slot)
+            else:
+                slot.filter.close()
+        return fresh
+
+    async def _recycle(self) -> None:
+        """Put released slots back in the pool with fresh filters, or delete them."""
+        while self._returned:
+            slot, blocked = self._returned[0], self._blocked  # still held, for `reconcile`
+            keep = len(self._pool) < self.config.pool_size
+            fresh = None
+            try:
+                fresh = await trio.to_thread.run_sync(self._renew, slot, keep, blocked)
+            finally:
+                self._returned.popleft()
+                if fresh is None:
+                    self._plan.give_back(slot.addresses.slot)
+            if fresh is not None:
+                self._catch_up(fresh, blocked)
+                slot.filter = fresh
+                slot.stale_flows = True
+                self._pool.append(slot)
 
     async def fill_pool(self) -> None:
-        """Make the pool ready: build missing slots, forget recycled slots' old flows."""
+        """Make the pool ready: recycle released slots, build missing ones, forget recycled
+        slots' old flows."""
+        await self._recycle()
         self._forget_stale_flows()
         while len(self._pool) < self.config.pool_size:
             self._pool.append(await self._new_slot())
@@ -305,32 +364,17 @@ class NetworkManager:
         )
 
     def release(self, lease: Lease) -> None:
-        """Take the lease back for good (no-op if it was released already); see module doc."""
-        leased = self._leases.get(lease.tap)
-        if leased is not None:
-            self._release(leased)
-
-    def _release(self, leased: _Leased) -> None:
-        slot = leased.slot
-        del self._leases[slot.addresses.tap]
+        """Take the lease back for good (no-op if it was released already); the slot is
+        recycled by the next `fill_pool` (see module doc)."""
+        leased = self._leases.pop(lease.tap, None)
+        if leased is None:
+            return
         if leased.sandbox_id is not None:
             del self._assigned[leased.sandbox_id]
         if leased.resolver is not None:
             leased.resolver.close()
-        with netns.entered(self.ns), IPRoute() as ipr:
-            try:
-                busy = ipr.get_links(slot.ifindex)[0].get_attr("IFLA_CARRIER")
-            except NetlinkError:  # the tap is gone already: nothing to recycle
-                busy = True
-            full = len(self._pool) >= self.config.pool_size
-            fresh = None if busy or full else self._filter(ipr, slot.ifindex)
-        if fresh is None:
-            self._destroy(slot)
-            return
-        slot.filter.close()
-        slot.filter = fresh
-        slot.stale_flows = True
-        self._pool.append(slot)
+        self._returned.append(leased.slot)
+        self._refill.set()
 
     def _forget_stale_flows(self) -> None:
         """Delete the conntrack entries of every pooled slot that may still have some."""

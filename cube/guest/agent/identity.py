@@ -9,6 +9,7 @@ touch the machine the agent runs on, and ``apply_guest_identity`` is never calle
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import socket
@@ -60,8 +61,10 @@ def preload() -> None:
 
     Imported on the first Refresh instead, it was paid by every clone on its way to its first
     request: about 0.2 s on this host's CPU, and about 5 s of each create in the TCG-nested lab.
-    Host mode never configures a network, so it never calls this.
+    Host mode never configures a network, so it never calls this. pyroute2 warns on import that
+    the guest kernel has no traffic control (/proc/net/psched); nothing here uses it.
     """
+    logging.getLogger("pyroute2.netlink.rtnl.tcmsg").setLevel(logging.ERROR)
     import pyroute2  # noqa: F401
 
 
