@@ -261,30 +261,30 @@ class NetworkManager:
                     busy = True
                 if keep and not busy:
                     fresh = self._filter(ipr, slot.ifindex, blocked)
-        finally:
-            if fresh is None:
-                self._teardown(slot)
-            else:
-                slot.filter.close()
+        except Exception:
+            log.exception("cannot recycle tap %s; deleting it", slot.addresses.tap)
+        if fresh is None:
+            self._teardown(slot)
+        else:
+            slot.filter.close()
         return fresh
 
     async def _recycle(self) -> None:
-        """Put released slots back in the pool with fresh filters, or delete them."""
+        """Put released slots back in the pool with fresh filters, or delete them. A slot
+        leaves `_returned` only once its thread has run: one cancelled before it started (the
+        daemon stopping) stays there, for `close` to delete."""
         while self._returned:
-            slot, blocked = self._returned[0], self._blocked  # still held, for `reconcile`
+            slot, blocked = self._returned[0], self._blocked
             keep = len(self._pool) < self.config.pool_size
-            fresh = None
-            try:
-                fresh = await trio.to_thread.run_sync(self._renew, slot, keep, blocked)
-            finally:
-                self._returned.popleft()
-                if fresh is None:
-                    self._plan.give_back(slot.addresses.slot)
-            if fresh is not None:
-                self._catch_up(fresh, blocked)
-                slot.filter = fresh
-                slot.stale_flows = True
-                self._pool.append(slot)
+            fresh = await trio.to_thread.run_sync(self._renew, slot, keep, blocked)
+            self._returned.popleft()
+            if fresh is None:
+                self._plan.give_back(slot.addresses.slot)
+                continue
+            self._catch_up(fresh, blocked)
+            slot.filter = fresh
+            slot.stale_flows = True
+            self._pool.append(slot)
 
     async def fill_pool(self) -> None:
         """Make the pool ready: recycle released slots, build missing ones, forget recycled

@@ -91,6 +91,23 @@ def test_many_cycles_leak_nothing(topo):
     assert settled_bpf_objects((0, 0)) == (0, 0)
 
 
+def test_a_slot_whose_recycling_was_cancelled_is_still_deleted(topo):
+    """The daemon stops (its upkeep cancelled) before a released slot was recycled."""
+    manager = NetworkManager(NetworkConfig(pool_size=1), ns=topo.host)
+    manager.start()
+
+    async def release_then_stop() -> None:
+        manager.release(await manager.allocate("sbx", EgressPolicy()))
+        with trio.CancelScope() as upkeep:
+            upkeep.cancel()
+            await manager.fill_pool()
+
+    trio.run(release_then_stop)
+    manager.close()
+    assert taps(topo.host) == []
+    assert settled_bpf_objects((0, 0)) == (0, 0)
+
+
 def test_a_tap_still_held_open_is_deleted_not_reused(manager, topo):
     net = allocate(manager, "sbx1", EgressPolicy())
     guest = Guest(topo.host, net)  # a VMM that was never stopped
