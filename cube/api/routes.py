@@ -107,6 +107,7 @@ def build_routes(ctx: ApiContext) -> Blueprint:
             metadata=body.metadata or {},
             env_vars=body.env_vars or {},
             on_timeout="pause" if body.auto_pause else "kill",
+            auto_pause_memory=body.auto_pause_memory is not False,
             auto_resume=bool(body.auto_resume and body.auto_resume.enabled),
             allow_internet_access=body.allow_internet_access,
             network=_network(body.network, body.allow_internet_access),
@@ -183,13 +184,15 @@ def build_routes(ctx: ApiContext) -> Blueprint:
     @bp.post("/v2/sandboxes/<sandbox_id>/connect")
     async def connect(sandbox_id: str) -> Response:
         body = await _body(Connect)
-        sandbox, resumed = await sandboxes.connect(sandbox_id, body.timeout)
+        sandbox, resumed = await sandboxes.connect(
+            sandbox_id, body.timeout, memory=body.memory is not False
+        )
         return json_response(views.sandbox_out(sandbox, ctx.domain), 201 if resumed else 200)
 
     @bp.post("/sandboxes/<sandbox_id>/pause")
     async def pause(sandbox_id: str) -> Response:
         body = await _body(Pause)
-        await sandboxes.pause(sandbox_id, body.require_healthy_guest)
+        await sandboxes.pause(sandbox_id, body.require_healthy_guest, body.memory is not False)
         return _empty(NO_CONTENT)
 
     @bp.post("/sandboxes/<sandbox_id>/resume")

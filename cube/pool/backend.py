@@ -94,8 +94,10 @@ class Backend(Protocol):
         sends Prepare first."""
         ...
 
-    async def resume(self, folder: Path) -> Instance:
-        """Bring back a sandbox paused into ``folder``; the folder may then be deleted."""
+    async def resume(self, folder: Path, memory: bool = True) -> Instance:
+        """Bring back a sandbox paused into ``folder``; the folder may then be deleted. Without
+        ``memory`` it is rebooted instead (E2B's filesystem-only resume): its files are kept,
+        its processes and memory are not."""
         ...
 
     async def discard(self, folder: Path) -> None:

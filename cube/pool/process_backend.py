@@ -9,7 +9,8 @@ process cannot do:
   are host ports;
 - pause is SIGSTOP of the sandbox's processes and resume SIGCONT, with no memory
   snapshot. After a restart of the daemon the stopped processes are gone, so a resume then
-  starts new ones on the same state folder (files survive, processes do not: a cold boot);
+  starts new ones on the same state folder (files survive, processes do not: a cold boot), as
+  does a resume without memory;
 - fork and snapshot copy the state folder and start new processes: files are copied, running
   processes and interpreter kernels are not.
 
@@ -325,7 +326,7 @@ class ProcessBackend:
         await trio.to_thread.run_sync(write_atomic, folder / PAUSE_FILE, paused)
         self._paused[instance.state_dir] = instance
 
-    async def resume(self, folder: Path) -> ProcessInstance:
+    async def resume(self, folder: Path, memory: bool = True) -> ProcessInstance:
         try:
             paused = read(folder / PAUSE_FILE, _Paused)
         except (OSError, msgspec.DecodeError) as exc:
@@ -333,8 +334,10 @@ class ProcessBackend:
         state_dir = Path(paused.state_dir)
         instance = self._paused.pop(state_dir, None)
         if instance is not None and not instance.dead.is_set():
-            self._signal(instance, signal.SIGCONT)
-            return instance
+            if memory:
+                self._signal(instance, signal.SIGCONT)
+                return instance
+            await self._stop(instance)  # its processes go; its state folder stays
         log.info("cold-starting a paused sandbox", extra={"state_dir": str(state_dir)})
         return await self._launch(state_dir, paused.resources, paused.template)
 

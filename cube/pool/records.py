@@ -41,7 +41,9 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     access_token: str
     traffic_token: str | None = None  # required on user ports when public traffic is off
     on_timeout: OnTimeout = "kill"
+    auto_pause_memory: bool = True  # false: an expiry pause is filesystem-only
     auto_resume: bool = False
+    paused_memory: bool = True  # false: paused filesystem-only, so a resume reboots it
     metadata: dict[str, str] = {}
     env_vars: dict[str, str] = {}
     owner: str = ""  # the id (not the secret) of the API key that created it

@@ -57,6 +57,7 @@ class CreateSpec(msgspec.Struct, frozen=True, kw_only=True):
     metadata: dict[str, str] = {}
     env_vars: dict[str, str] = {}
     on_timeout: OnTimeout = "kill"
+    auto_pause_memory: bool = True
     auto_resume: bool = False
     allow_internet_access: bool | None = None
     network: dict[str, object] | None = None
@@ -197,7 +198,7 @@ class Sandboxes:
             log.info("sandbox expired", extra={"sandbox": record.sandbox_id})
             if record.on_timeout == "pause":
                 try:
-                    await self._pause(sandbox)
+                    await self._pause(sandbox, memory=record.auto_pause_memory)
                     return
                 except BackendError as exc:
                     log.error("auto-pause failed; killing", extra={"error": str(exc)})
@@ -302,6 +303,7 @@ class Sandboxes:
                 access_token=token,
                 traffic_token=new_token() if spec.private_traffic else None,
                 on_timeout=spec.on_timeout,
+                auto_pause_memory=spec.auto_pause_memory,
                 auto_resume=spec.auto_resume,
                 metadata=spec.metadata,
                 env_vars=spec.env_vars,
@@ -431,18 +433,28 @@ class Sandboxes:
 
     # ----- pause, resume, connect -----------------------------------------------------------
 
-    async def pause(self, sandbox_id: str, require_healthy: bool = False) -> None:
+    async def pause(
+        self, sandbox_id: str, require_healthy: bool = False, memory: bool = True
+    ) -> None:
         sandbox = self.get(sandbox_id)
         async with sandbox.lock:
             if sandbox.record.state == "paused":
                 raise LifecycleError(409, f"sandbox {sandbox_id} is already paused")
             try:
-                await self._pause(sandbox, require_healthy)
+                await self._pause(sandbox, require_healthy, memory)
             except BackendError as exc:
                 raise LifecycleError(500, f"failed to pause sandbox: {exc}") from exc
 
-    async def _pause(self, sandbox: Sandbox, require_healthy: bool = False) -> None:
-        """Caller holds the lock and has checked the sandbox runs."""
+    async def _pause(
+        self, sandbox: Sandbox, require_healthy: bool = False, memory: bool = True
+    ) -> None:
+        """Caller holds the lock and has checked the sandbox runs.
+
+        The sandbox reads as paused from the moment its pause begins, as E2B reports a pausing
+        sandbox: it serves nothing any more, and a connect (waiting on the lock) resumes it.
+        A pause that fails leaves it running. Without `memory` (filesystem-only) the backend
+        still pauses it whole; its resume then reboots it (Backend.resume).
+        """
         instance = sandbox.instance
         assert instance is not None
         sandbox_id = sandbox.record.sandbox_id
@@ -459,19 +471,24 @@ class Sandboxes:
             await trio.to_thread.run_sync(shutil.rmtree, folder, True)
             folder.mkdir(parents=True)
             _detach(sandbox)
+            sandbox.record.state = "paused"
+            sandbox.record.paused_memory = memory
             try:
                 await self._backend.pause(instance, folder)
             except BackendError:
+                sandbox.record.state = "running"
                 sandbox.instance = instance  # still running: the caller decides (kill or report)
                 self._start_watch(sandbox)
                 raise
-            sandbox.record.state = "paused"
             await self._records.save(sandbox.record)
         log.info("sandbox paused", extra={"sandbox": sandbox_id})
 
-    async def connect(self, sandbox_id: str, timeout: int | None) -> tuple[Sandbox, bool]:
-        """Resume a paused sandbox, or extend a running one's deadline (connect never
-        shortens it). True when it was resumed."""
+    async def connect(
+        self, sandbox_id: str, timeout: int | None, memory: bool = True
+    ) -> tuple[Sandbox, bool]:
+        """Resume a paused sandbox (rebooting it if either its pause or this call is without
+        `memory`), or extend a running one's deadline (connect never shortens it). True when
+        it was resumed."""
         sandbox = self.get(sandbox_id)
         seconds = self._timeout(timeout)
         async with sandbox.lock:
@@ -480,7 +497,7 @@ class Sandboxes:
                 await self._records.save(sandbox.record)
                 self._schedule(sandbox)
                 return sandbox, False
-            await self._resume(sandbox, seconds)
+            await self._resume(sandbox, seconds, memory)
             return sandbox, True
 
     async def resume(self, sandbox_id: str, timeout: int | None) -> Sandbox:
@@ -507,12 +524,12 @@ class Sandboxes:
                     return None
         return self.running(sandbox_id)
 
-    async def _resume(self, sandbox: Sandbox, timeout: int) -> None:
+    async def _resume(self, sandbox: Sandbox, timeout: int, memory: bool = True) -> None:
         record = sandbox.record
         folder = self._records.pause_folder(record.sandbox_id)
         with trio.CancelScope(shield=True):
             try:
-                instance = await self._backend.resume(folder)
+                instance = await self._backend.resume(folder, memory and record.paused_memory)
             except BackendError as exc:
                 raise LifecycleError(500, f"failed to resume sandbox: {exc}") from exc
             try:

@@ -8,7 +8,10 @@ the template was snapshotted), so a start is a restore plus one control round tr
 
 Pause writes a diff snapshot against the template (the clone's private pages, device state and
 disk overlay), so its cost follows dirty memory rather than RAM size, then frees the VM. Fork
-and snapshot write the same kind of diff and let the source carry on.
+and snapshot write the same kind of diff and let the source carry on. A resume without memory
+(E2B's filesystem-only pause, or `on_resume="reboot"`) boots the guest kernel afresh on the
+paused disk instead of restoring: files survive, processes do not. The pause itself is the same
+either way, so the choice can still be made when resuming.
 
 Networking: when the daemon has a NetworkManager, every restore leases a slot first and the VM
 attaches to its tap; the slot's filter drops everything until the daemon assigns the lease to
@@ -28,6 +31,7 @@ import logging
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,17 +40,19 @@ from typing import Protocol
 import trio
 
 from cube.guest.wire import CONTROL_PORT, RELAY_PORT, ControlRequest, Reply
+from cube.guestkernel import find_kernel
 from cube.net.addressing import Lease
 from cube.pool.agent_link import control_call, relay_handshake, wait_answering
 from cube.pool.backend import BackendError, Image, Resources, start_all
 from cube.pool.identity import new_id
 from cube.vmm.snapshot import SnapshotError
 from cube.vmm.vcpu import install_kick_handler
-from cube.vmm.vm import MicroVm, VmError
+from cube.vmm.vm import MicroVm, VmError, reboot_config
 
 log = logging.getLogger(__name__)
 
 AGENT_TIMEOUT_S = 30.0  # a restored agent answers at once; nested labs are slow
+BOOT_AGENT_TIMEOUT_S = 180.0  # a rebooted guest's init starts the agent (a minute in the lab)
 # Restores in flight, each until its agent answers. A just-restored guest needs CPU to handle
 # the vsock reset and answer; a burst of 50 unbounded restores on a small host starves every
 # one of them past AGENT_TIMEOUT_S (seen in the lab), so bursts queue here, a few per CPU wide.
@@ -102,27 +108,45 @@ class VmmBackend:
     async def start(self, image: Image) -> VmInstance:
         return await self._restore(image.folder, image.resources)
 
-    async def resume(self, folder: Path) -> VmInstance:
-        return await self._restore(folder, None)
+    async def resume(self, folder: Path, memory: bool = True) -> VmInstance:
+        if memory:
+            return await self._restore(folder, None)
+        kernel = find_kernel()
+        if kernel is None:
+            raise BackendError("no guest kernel is built (`cube kernel build`) to reboot with")
+
+        def reboot(workdir: Path, tap: str | None) -> MicroVm:
+            return MicroVm.boot(reboot_config(folder, workdir, kernel, tap))
+
+        async with self._starting:
+            return await self._start(reboot, f"reboot {folder.name}", None, BOOT_AGENT_TIMEOUT_S)
 
     async def _restore(self, folder: Path, resources: Resources | None) -> VmInstance:
-        async with self._starting:
-            return await self._restore_now(folder, resources)
+        def restore(workdir: Path, tap: str | None) -> MicroVm:
+            return MicroVm.restore(folder, workdir, net_tap=tap)
 
-    async def _restore_now(self, folder: Path, resources: Resources | None) -> VmInstance:
+        async with self._starting:
+            return await self._start(restore, f"restore {folder.name}", resources)
+
+    async def _start(
+        self,
+        make: Callable[[Path, str | None], MicroVm],
+        what: str,
+        resources: Resources | None,
+        agent_timeout: float = AGENT_TIMEOUT_S,
+    ) -> VmInstance:
+        """A VM from `make(workdir, tap)` (in a worker thread), running, its agent answering."""
         assert self._nursery is not None, "VmmBackend.run is not running"
         workdir = self._work_dir / new_id(12)
         workdir.mkdir(mode=0o700)
         lease = await self._network.lease() if self._network is not None else None
         tap = lease.tap if lease is not None else None
         try:
-            vm = await trio.to_thread.run_sync(
-                partial(MicroVm.restore, folder, workdir, net_tap=tap)
-            )
+            vm = await trio.to_thread.run_sync(make, workdir, tap)
         except (OSError, SnapshotError, VmError) as exc:
             self._give_back(lease)
             shutil.rmtree(workdir, ignore_errors=True)
-            raise BackendError(f"cannot restore {folder.name}: {exc}") from exc
+            raise BackendError(f"cannot {what}: {exc}") from exc
         if vm.net is None:
             self._give_back(lease)
             lease = None
@@ -130,7 +154,7 @@ class VmmBackend:
         self._instances.add(instance)
         self._nursery.start_soon(self._run_vm, instance)
         try:
-            await self._wait_for_agent(instance)
+            await self._wait_for_agent(instance, agent_timeout)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.kill(instance)
@@ -162,9 +186,9 @@ class VmmBackend:
         if lease is not None and self._network is not None:
             self._network.release(lease)
 
-    async def _wait_for_agent(self, instance: VmInstance) -> None:
+    async def _wait_for_agent(self, instance: VmInstance, timeout: float) -> None:
         control = partial(self.control, instance)
-        if await wait_answering(control, instance.dead, AGENT_TIMEOUT_S):
+        if await wait_answering(control, instance.dead, timeout):
             return
         raise BackendError(
             f"the guest agent did not answer: {instance.death or 'timeout'}; console tail:\n"

@@ -61,7 +61,7 @@ class DiskConfig:
 
 @dataclass(frozen=True)
 class NetConfig:
-    tap: str  # an existing tap, created and owned by cube/net; the VM only attaches to it
+    tap: str | None  # an existing tap, created and owned by cube/net (None: nothing behind)
     mac: str  # the guest's eth0 address, e.g. "02:00:0a:00:00:02"
 
 
@@ -76,6 +76,25 @@ class VmConfig:
     rng: bool = True
     initrd: Path | None = None
     net: NetConfig | None = None
+
+
+def reboot_config(folder: Path, workdir: Path, kernel: Path, net_tap: str | None) -> VmConfig:
+    """A fresh boot of `kernel` on a snapshot's disks, as they were when it was taken (writes go
+    to new overlays in `workdir`), with its vCPUs, memory size, command line and MAC; its memory
+    and device state are not used. E2B's filesystem-only resume reboots a paused sandbox so."""
+    state = snapshot.read_state(folder)
+    disks, net = [], None
+    for index, dev in enumerate(state.virtio):
+        if dev.kind == "blk" and dev.disk is not None:
+            frozen = (*(Path(p) for p in dev.disk.frozen), folder / dev.disk.overlay)
+            overlay = workdir / f"disk{index}.overlay"
+            disks.append(DiskConfig(Path(dev.disk.base), overlay, frozen, dev.disk.read_only))
+        elif dev.kind == "net" and dev.net is not None:
+            net = NetConfig(net_tap, dev.net.mac)
+    return VmConfig(
+        kernel=kernel, cmdline=state.cmdline, vcpus=len(state.vcpus),
+        memory_mib=state.memory_size // layout.MiB, disks=tuple(disks), net=net,
+    )  # fmt: skip
 
 
 class IrqLines:

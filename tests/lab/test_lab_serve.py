@@ -95,6 +95,20 @@ def test_pause_then_connect_keeps_files_and_processes(daemon: Daemon) -> None:
         Sandbox.kill(sbx.sandbox_id, **daemon.sdk())
 
 
+def test_a_filesystem_only_pause_reboots_on_the_paused_disk(daemon: Daemon) -> None:
+    sbx = daemon.create()
+    try:
+        sbx.files.write("/home/user/kept.txt", "still here")
+        boot_id = sbx.files.read("/proc/sys/kernel/random/boot_id")
+        assert sbx.pause(keep_memory=False)
+        again = Sandbox.connect(sbx.sandbox_id, **daemon.sdk())
+        assert again.files.read("/home/user/kept.txt") == "still here"
+        assert again.files.read("/proc/sys/kernel/random/boot_id") != boot_id
+        assert again.commands.run("echo alive").stdout == "alive\n"
+    finally:
+        Sandbox.kill(sbx.sandbox_id, **daemon.sdk())
+
+
 def test_run_code_draws_a_matplotlib_chart(daemon: Daemon) -> None:
     sbx = CodeSandbox.create(template=INTERPRETER_SPEC.name, timeout=600, **daemon.sdk())
     try:

@@ -86,6 +86,22 @@ def test_pause_and_connect(daemon: Daemon) -> None:
     assert Sandbox.kill(sbx.sandbox_id, **daemon.opts()) is False
 
 
+def test_a_filesystem_only_pause_keeps_files_not_processes(daemon: Daemon) -> None:
+    """E2B's keep_memory=False: the resume is a cold start on the paused files."""
+    sbx = Sandbox.create(**daemon.opts())
+    sbx.files.write("notes.txt", "kept")
+    sleeper = sbx.commands.run("sleep 600", background=True)
+    assert sbx.pause(keep_memory=False) is True
+    again = Sandbox.connect(sbx.sandbox_id, **daemon.opts())
+    assert again.files.read("notes.txt") == "kept"
+    assert sleeper.pid not in [p.pid for p in again.commands.list()]
+    sleeper = again.commands.run("sleep 600", background=True)
+    again.pause()  # with memory: the next resume keeps what runs
+    again = Sandbox.connect(sbx.sandbox_id, **daemon.opts())
+    assert sleeper.pid in [p.pid for p in again.commands.list()]
+    again.kill()
+
+
 def test_kill_paused(daemon: Daemon) -> None:
     sbx = Sandbox.create(**daemon.opts())
     sbx.pause()
