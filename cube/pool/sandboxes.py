@@ -217,7 +217,9 @@ class Sandboxes:
         async with sandbox.lock:
             if sandbox.instance is not instance:
                 return
-            log.warning("sandbox died", extra={"sandbox": sandbox.record.sandbox_id})
+            log.warning(
+                "sandbox died", extra={"sandbox": sandbox.record.sandbox_id, "reason": reason}
+            )
             _detach(sandbox)
             self._live.pop(sandbox.record.sandbox_id, None)
             sandbox.record.state = "lost"
