@@ -154,8 +154,8 @@ class NetworkManager:
 
     def close(self) -> None:
         """Release every lease, empty the pool and remove the nft table."""
-        for leased in list(self._leases.values()):
-            self.release(leased.slot.addresses.lease())
+        for name in list(self._leases):
+            self._take_back(name)
         for slots in (self._returned, self._pool):
             while slots:
                 self._destroy(slots.pop())
@@ -366,7 +366,10 @@ class NetworkManager:
     def release(self, lease: Lease) -> None:
         """Take the lease back for good (no-op if it was released already); the slot is
         recycled by the next `fill_pool` (see module doc)."""
-        leased = self._leases.pop(lease.tap, None)
+        self._take_back(lease.tap)
+
+    def _take_back(self, tap_name: str) -> None:
+        leased = self._leases.pop(tap_name, None)
         if leased is None:
             return
         if leased.sandbox_id is not None:

@@ -58,6 +58,18 @@ class DiskConfig:
     frozen: tuple[Path, ...] = ()
     read_only: bool = False
 
+    @classmethod
+    def of_snapshot(
+        cls, disk: snapshot.DiskState, index: int, folder: Path, workdir: Path
+    ) -> DiskConfig:
+        """Disk `index` of the snapshot in `folder`: its layers frozen, the snapshot's own
+        overlay on top, and a new overlay in `workdir` for whatever runs on it next."""
+        frozen = (*(Path(p) for p in disk.frozen), folder / disk.overlay)
+        return cls(Path(disk.base), workdir / f"disk{index}.overlay", frozen, disk.read_only)
+
+    def open(self) -> LayeredDisk:
+        return LayeredDisk.open(self.base, list(self.frozen), self.overlay)
+
 
 @dataclass(frozen=True)
 class NetConfig:
@@ -86,9 +98,7 @@ def reboot_config(folder: Path, workdir: Path, kernel: Path, net_tap: str | None
     disks, net = [], None
     for index, dev in enumerate(state.virtio):
         if dev.kind == "blk" and dev.disk is not None:
-            frozen = (*(Path(p) for p in dev.disk.frozen), folder / dev.disk.overlay)
-            overlay = workdir / f"disk{index}.overlay"
-            disks.append(DiskConfig(Path(dev.disk.base), overlay, frozen, dev.disk.read_only))
+            disks.append(DiskConfig.of_snapshot(dev.disk, index, folder, workdir))
         elif dev.kind == "net" and dev.net is not None:
             net = NetConfig(net_tap, dev.net.mac)
     return VmConfig(
@@ -215,7 +225,7 @@ class MicroVm:
         def setup(kvm: Kvm, self: MicroVm) -> None:
             self.cmdline_extra = config.cmdline
             for disk in config.disks:
-                layered = LayeredDisk.open(disk.base, list(disk.frozen), disk.overlay)
+                layered = disk.open()
                 self._add_device("blk", VirtioBlk(layered, read_only=disk.read_only), layered)
             if config.vsock:
                 self._add_device("vsock", VirtioVsock(GUEST_CID))
@@ -326,9 +336,7 @@ class MicroVm:
         backend: VirtioBackend
         disk = None
         if dev.kind == "blk" and dev.disk is not None:
-            frozen = [Path(p) for p in dev.disk.frozen] + [folder / dev.disk.overlay]
-            overlay = workdir / f"disk{index}.overlay"
-            disk = LayeredDisk.open(Path(dev.disk.base), frozen, overlay)
+            disk = DiskConfig.of_snapshot(dev.disk, index, folder, workdir).open()
             backend = VirtioBlk(disk, read_only=dev.disk.read_only)
         elif dev.kind == "vsock":
             backend = VirtioVsock(GUEST_CID)
