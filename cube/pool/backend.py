@@ -41,6 +41,15 @@ class Image(msgspec.Struct, frozen=True, kw_only=True):
     envd_version: str
 
 
+class Death(msgspec.Struct, frozen=True):
+    """Why a sandbox stopped by itself: one line for its record and the API's errors, and the
+    report its log keeps afterwards (for a VM: every vCPU's state, its last exits and the
+    console tail; cube.vmm.crash_report)."""
+
+    reason: str
+    report: tuple[str, ...] = ()
+
+
 class BackendError(Exception):
     """The backend could not do what was asked (start, pause, snapshot...). The message is
     safe to show to API clients."""
@@ -119,9 +128,9 @@ class Backend(Protocol):
         """Stop the sandbox and free everything it holds. Idempotent."""
         ...
 
-    async def wait_dead(self, instance: Instance) -> str:
-        """Return (with a reason) when the sandbox stops by itself: a crash, the guest
-        powering off. Cancelled by the caller when it kills or pauses the sandbox."""
+    async def wait_dead(self, instance: Instance) -> Death:
+        """Return when the sandbox stops by itself (a crash, the guest powering off), saying
+        why. Cancelled by the caller when it kills or pauses the sandbox."""
         ...
 
 

@@ -41,7 +41,7 @@ import trio
 from cube.guest.wire import ENVD_PORT, INTERPRETER_PORT, ControlRequest, Reply
 from cube.pool.agent_link import control_call, relay_handshake, wait_answering
 from cube.pool.atomic import read, write_atomic
-from cube.pool.backend import BackendError, Image, Resources, start_all
+from cube.pool.backend import BackendError, Death, Image, Resources, start_all
 from cube.pool.identity import new_id
 
 log = logging.getLogger(__name__)
@@ -316,9 +316,10 @@ class ProcessBackend:
             await process.wait()
         self._instances.discard(instance)
 
-    async def wait_dead(self, instance: ProcessInstance) -> str:
+    async def wait_dead(self, instance: ProcessInstance) -> Death:
         await instance.dead.wait()
-        return instance.death
+        return Death(instance.death, (instance.death, "--- console tail ---",
+                                      *instance.console_lines))  # fmt: skip
 
     async def pause(self, instance: ProcessInstance, folder: Path) -> None:
         self._signal(instance, signal.SIGSTOP)

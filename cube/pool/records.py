@@ -21,6 +21,7 @@ from cube.pool.backend import Resources
 log = logging.getLogger(__name__)
 SANDBOXES_DIR = "sandboxes"  # in the data dir: the RecordStore's root
 PAUSED_DIR = "paused"  # in a sandbox's folder: everything a paused sandbox needs to resume
+DEATH_REPORT = "death.json"  # in a sandbox's folder: why a sandbox that died by itself did
 
 State = Literal["running", "paused", "lost"]
 OnTimeout = Literal["kill", "pause"]
@@ -73,6 +74,20 @@ class RecordStore:
             write_atomic(folder / "record.json", record)
 
         await trio.to_thread.run_sync(write)
+
+    async def save_death(self, sandbox_id: str, report: tuple[str, ...]) -> None:
+        """Keep the report of a sandbox that died by itself, for its log (the VM is gone)."""
+        folder = self.folder(sandbox_id)
+        await trio.to_thread.run_sync(write_atomic, folder / DEATH_REPORT, report)
+
+    def death(self, sandbox_id: str) -> list[str]:
+        """The report kept by `save_death`; none if the sandbox was lost another way."""
+        try:
+            return read(self.folder(sandbox_id) / DEATH_REPORT, list[str])
+        except FileNotFoundError:
+            return []
+        except (OSError, msgspec.DecodeError) as exc:
+            return [f"the death report cannot be read: {exc}"]
 
     async def remove(self, sandbox_id: str) -> None:
         await trio.to_thread.run_sync(shutil.rmtree, self.folder(sandbox_id), True)

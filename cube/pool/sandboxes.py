@@ -211,20 +211,20 @@ class Sandboxes:
 
     async def _watch(self, sandbox: Sandbox, instance: Instance, scope: trio.CancelScope) -> None:
         with scope:
-            reason = await self._backend.wait_dead(instance)
+            death = await self._backend.wait_dead(instance)
         if scope.cancelled_caught:
             return
         async with sandbox.lock:
             if sandbox.instance is not instance:
                 return
-            log.warning(
-                "sandbox died", extra={"sandbox": sandbox.record.sandbox_id, "reason": reason}
-            )
+            sandbox_id = sandbox.record.sandbox_id
+            log.warning("sandbox died", extra={"sandbox": sandbox_id, "reason": death.reason})
             _detach(sandbox)
-            self._live.pop(sandbox.record.sandbox_id, None)
+            self._live.pop(sandbox_id, None)
             sandbox.record.state = "lost"
-            sandbox.record.lost_reason = reason
-            self.lost[sandbox.record.sandbox_id] = sandbox.record
+            sandbox.record.lost_reason = death.reason
+            self.lost[sandbox_id] = sandbox.record
+            await self._records.save_death(sandbox_id, death.report)
             await self._records.save(sandbox.record)
             await self._backend.kill(instance)
 
@@ -636,7 +636,11 @@ class Sandboxes:
         return reply.metrics
 
     async def logs(self, sandbox_id: str, limit: int) -> tuple[list[str], list[str]]:
-        """(console lines, agent log lines), oldest first; empty while paused."""
+        """(console lines, agent log lines), oldest first; empty while paused. A sandbox that
+        died by itself answers with its death report (cube.vmm.crash_report) as its console."""
+        if sandbox_id in self.lost:
+            report = await trio.to_thread.run_sync(self._records.death, sandbox_id)
+            return report[-limit:] if limit > 0 else [], []
         sandbox = self.get(sandbox_id)
         if sandbox.instance is None:
             return [], []

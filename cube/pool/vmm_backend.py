@@ -43,7 +43,7 @@ from cube.guest.wire import CONTROL_PORT, RELAY_PORT, ControlRequest, Reply
 from cube.guestkernel import find_kernel
 from cube.net.addressing import Lease
 from cube.pool.agent_link import control_call, relay_handshake, wait_answering
-from cube.pool.backend import BackendError, Image, Resources, start_all
+from cube.pool.backend import BackendError, Death, Image, Resources, start_all
 from cube.pool.identity import new_id
 from cube.vmm.snapshot import SnapshotError
 from cube.vmm.vcpu import install_kick_handler
@@ -78,6 +78,7 @@ class VmInstance:
     network: Lease | None
     dead: trio.Event = field(default_factory=trio.Event)
     death: str = ""
+    report: tuple[str, ...] = ()  # a guest that stopped by itself: cube.vmm.crash_report
     stopped: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -162,12 +163,20 @@ class VmmBackend:
         return instance
 
     async def _run_vm(self, instance: VmInstance) -> None:
+        vm = instance.vm
         try:
-            stop = await instance.vm.run()
-            instance.death = f"guest stopped ({stop.reason.value}: {stop.detail})"
-        except VmError as exc:
-            instance.death = str(exc).splitlines()[0]
-            log.warning("sandbox VM crashed", extra={"vm": instance.name})
+            try:
+                stop = await vm.run()
+                instance.death = f"guest stopped ({stop.reason.value}: {stop.detail})"
+            except VmError as exc:
+                instance.death = str(exc).splitlines()[0]
+            if vm.died():
+                instance.report = tuple(vm.crash_report())
+                log.warning(
+                    "sandbox VM died",
+                    extra={"vm": instance.name, "reason": instance.death,
+                           "report": "\n".join(instance.report)},
+                )  # fmt: skip
         except Exception as exc:  # a fault in one VM's devices must not take the daemon down
             instance.death = f"VMM error: {exc!r}"
             log.exception("sandbox VM failed in the VMM", extra={"vm": instance.name})
@@ -262,9 +271,9 @@ class VmmBackend:
         instance.vm.request_stop()
         await instance.stopped.wait()
 
-    async def wait_dead(self, instance: VmInstance) -> str:
+    async def wait_dead(self, instance: VmInstance) -> Death:
         await instance.dead.wait()
-        return instance.death
+        return Death(instance.death, instance.report)
 
     # Metrics.
 

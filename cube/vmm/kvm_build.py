@@ -346,8 +346,31 @@ struct kvm_pit_state2 {
     ...;
 };
 
-/* Saved and restored whole; the VMM never looks inside. */
-struct kvm_vcpu_events { ...; };
+/* Saved and restored whole; a crash report reads the pending and injected events. */
+struct kvm_vcpu_events {
+    struct {
+        __u8 injected;
+        __u8 nr;
+        __u8 has_error_code;
+        __u8 pending;
+        __u32 error_code;
+    } exception;
+    struct {
+        __u8 injected;
+        __u8 nr;
+        __u8 soft;
+        __u8 shadow;
+    } interrupt;
+    struct {
+        __u8 injected;
+        __u8 pending;
+        __u8 masked;
+        __u8 pad;
+    } nmi;
+    __u32 sipi_vector;
+    __u32 flags;
+    ...;
+};
 struct kvm_irqchip {
     __u32 chip_id;
     ...;

@@ -11,7 +11,9 @@ it, and its only job is to make the kernel interrupt the ioctl instead of killin
 
 Every return from KVM_RUN is counted by exit reason (the daemon's `cube_vm_exits_total`). These
 are the exits that reach the VMM; exits KVM handles in the kernel (EPT faults, in-kernel APIC and
-PIT, HLT with an in-kernel irqchip) never come back to us and are not counted.
+PIT, HLT with an in-kernel irqchip) never come back to us and are not counted. The last few
+are also kept, with their port or address, for the report of a guest that dies
+(cube.vmm.crash_report).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import enum
 import signal
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +29,9 @@ from cube.vmm.bus import Bus
 from cube.vmm.kvm import Vcpu, ffi, lib
 
 KICK_SIGNAL = signal.SIGRTMIN + 2
+# Exits each vCPU remembers for a crash report: (reason, port or address, 1 for out/write).
+RECENT_EXITS = 16
+RecentExit = tuple[int, int, int]
 
 # Labels for the exit reasons our bindings declare; any other reason is labelled by its number.
 EXIT_NAMES = {
@@ -80,6 +85,11 @@ class VcpuRunner:
         # Written only by this vCPU's thread, one dict increment per exit; no lock, because a
         # reader's dict() copy is one C call that no increment can interleave with.
         self._exits: Counter[int] = Counter()
+        self._recent: deque[RecentExit] = deque(maxlen=RECENT_EXITS)
+
+    def recent_exits(self) -> list[RecentExit]:
+        """The last exits, oldest first; meant for after the vCPU has stopped."""
+        return list(self._recent)
 
     def exit_counts(self) -> Counter[str]:
         """Exits so far by reason name; safe to call from any thread, while running or after."""
@@ -118,6 +128,7 @@ class VcpuRunner:
         run = self.vcpu.kvm_run
         if reason == lib.KVM_EXIT_IO:
             io, data = run.io, self.vcpu.io_data()
+            self._recent.append((reason, io.port, io.direction == lib.KVM_EXIT_IO_OUT))
             for i in range(io.count):
                 chunk = slice(i * io.size, (i + 1) * io.size)
                 if io.direction == lib.KVM_EXIT_IO_OUT:
@@ -127,6 +138,7 @@ class VcpuRunner:
             return None
         if reason == lib.KVM_EXIT_MMIO:
             m = run.mmio
+            self._recent.append((reason, m.phys_addr, m.is_write))
             if m.is_write:
                 self._mmio.write(m.phys_addr, bytes(ffi.buffer(m.data, m.len)))
             else:
@@ -134,6 +146,7 @@ class VcpuRunner:
             return None
         if reason == lib.KVM_EXIT_INTR:
             return None
+        self._recent.append((reason, 0, 0))
         if reason == lib.KVM_EXIT_HLT:
             return Stop(StopReason.SHUTDOWN, "halted with interrupts off")
         if reason == lib.KVM_EXIT_SHUTDOWN:

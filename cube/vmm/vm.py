@@ -25,7 +25,7 @@ from pathlib import Path
 
 import trio
 
-from cube.vmm import cpu, gdt, layout, mptable, pvh, snapshot
+from cube.vmm import cpu, crash_report, gdt, layout, mptable, pvh, snapshot
 from cube.vmm.bus import Bus
 from cube.vmm.devices.i8042 import I8042
 from cube.vmm.devices.serial import Serial
@@ -478,6 +478,21 @@ class MicroVm:
 
     def console_tail(self, max_bytes: int = 4096) -> str:
         return self.serial.log_tail(max_bytes).decode(errors="replace")
+
+    def died(self) -> bool:
+        """Whether the guest stopped by itself (reboot, power-off, fault), not at our request."""
+        return self.stop is not None and self.stop.reason is not StopReason.REQUESTED
+
+    def crash_report(self, console_bytes: int = 4096) -> list[str]:
+        """Why and how the guest stopped: every vCPU's state and last exits, then the console
+        tail. Only after `run()` returned and before `close()`, while KVM still holds the state."""
+        stop = self.stop or Stop(StopReason.REQUESTED)
+        detail = f" ({stop.detail})" if stop.detail else ""
+        lines = [f"guest stopped: {stop.reason.value}{detail}"]
+        for runner in self.runners:
+            lines += crash_report.vcpu_lines(runner.vcpu, runner.recent_exits())
+        lines.append("--- console tail ---")
+        return lines + self.console_tail(console_bytes).splitlines()
 
     async def run(self) -> Stop:
         """Run the guest until it stops; raise VmError if it crashed."""

@@ -58,6 +58,25 @@ def test_guest_prints_reads_mmio_and_resets(tmp_path: Path) -> None:
     assert vm.serial.log_tail() == b"okv"
 
 
+def test_a_triple_fault_is_reported_with_the_vcpu_state(tmp_path: Path) -> None:
+    """ud2 with the PVH entry's empty IDT cannot be delivered, nor can the #DF that follows:
+    the guest dies with nothing on its console to say why, so the report must."""
+    code = SERIAL_DX + mov_al("x") + OUT_DX_AL + b"\x0f\x0b"  # ud2
+    vm = boot(tmp_path, code)
+    try:
+        stop = trio.run(vm.run)
+        report = vm.crash_report()
+    finally:
+        vm.close()
+    assert stop == Stop(StopReason.SHUTDOWN, "triple fault") and vm.died()
+    assert report[0] == "guest stopped: shutdown (triple fault)"
+    text = "\n".join(report)
+    for expected in ("vCPU 0 (", "rip=0x", "cr0=0x", "cs: sel=", "idt: base=", "exception: nr="):
+        assert expected in text
+    assert "last exits, oldest first: io out 0x3f8, shutdown" in text
+    assert report[-2:] == ["--- console tail ---", "x"]
+
+
 def test_cancelling_run_stops_a_spinning_guest(tmp_path: Path) -> None:
     vm = boot(tmp_path, b"\xeb\xfe")  # jmp $
 

@@ -191,6 +191,20 @@ def test_restart_keeps_paused_and_reports_lost(tmp_path: Path) -> None:
         assert Sandbox.kill(crashed.sandbox_id, **second.opts())  # an operator clears it
 
 
+def test_a_sandbox_that_died_keeps_its_death_report_in_its_log(daemon: Daemon) -> None:
+    sbx = Sandbox.create(**daemon.opts())
+    sbx.commands.run("kill -9 $PPID", background=True)  # its parent is the agent
+    eventually(lambda: state_of(daemon, sbx.sandbox_id) is None)
+    headers = {"X-API-Key": daemon.api_key}
+    info = httpx.get(f"{daemon.url}/sandboxes/{sbx.sandbox_id}", headers=headers)
+    assert info.status_code == 404 and "agent exited with status -9" in info.json()["message"]
+    logs = httpx.get(f"{daemon.url}/v2/sandboxes/{sbx.sandbox_id}/logs", headers=headers)
+    assert logs.status_code == 200
+    lines = [entry["message"] for entry in logs.json()["logs"]]
+    assert lines[:2] == ["agent exited with status -9", "--- console tail ---"]
+    Sandbox.kill(sbx.sandbox_id, **daemon.opts())
+
+
 def test_traffic_resumes_an_auto_resume_sandbox(daemon: Daemon) -> None:
     sbx = Sandbox.create(lifecycle={"on_timeout": "pause", "auto_resume": True}, **daemon.opts())
     sbx.files.write("wake.txt", "up")
