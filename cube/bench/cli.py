@@ -163,3 +163,37 @@ def bench_exec(
     from cube.bench import exec as bench  # the E2B SDK comes with the test extra
 
     typer.echo(bench.run(url, key, template, samples, warmup, data_dir))
+
+
+@bench_app.command("soak")
+def bench_soak(
+    template: Annotated[str, typer.Option(help="The template to restore and reboot")] = "base",
+    data_dir: Annotated[
+        Path | None, typer.Option(help="The template's data dir (default: cube serve's)")
+    ] = None,
+    restores: Annotated[int, typer.Option(min=0, help="Restores to the agent's answer")] = 1000,
+    width: Annotated[int, typer.Option(min=1, help="Restores in flight at once")] = 2,
+    boots: Annotated[
+        int, typer.Option(min=0, help="Kernel boots to the marker init, on each VMM")
+    ] = 200,
+    reboots: Annotated[
+        int, typer.Option(min=0, help="Boots of the template's rootfs to init, on each VMM")
+    ] = 100,
+    minutes: Annotated[float, typer.Option(min=0.1, help="The whole soak's deadline")] = 60,
+) -> None:
+    """Count guest deaths: restores in Cube, and boots and reboots in Cube beside QEMU
+    microvm, in one lab (hardware-style KVM: inside `cube lab run` on PVM hosts). Prints
+    each death's report as it happens and a table at the end; exits 0 whatever it counted."""
+    from cube.bench import soak
+
+    try:
+        with contextlib.ExitStack() as stack:
+            vmm_lab.require_hardware_kvm("soak")
+            kernel = vmm_lab.boot_kernel()
+            image = vmm_lab.template_image(template, data_dir)
+            taps = stack.enter_context(vmm_lab.tap_for(image, width))
+            plan = soak.SoakPlan(boots, reboots, restores, width, minutes)
+            typer.echo(soak.run(plan, kernel, image, taps))
+    except vmm_lab.BenchRefused as exc:
+        typer.echo(f"cube bench soak: {exc}", err=True)
+        raise typer.Exit(2) from None

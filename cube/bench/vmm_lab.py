@@ -155,17 +155,21 @@ def boot_cube(kernel: Path, initramfs: Path, memory_mib: int) -> Boot:
         with trio.fail_after(BOOT_TIMEOUT_S):
             return (await vm.run()).reason
 
+    failure = ""
     try:
         reason = trio.run(run)
+        if reason is not StopReason.RESET or not marker_at:
+            failure = f"stopped ({reason.value}) without the marker"
     except trio.TooSlowError:
-        raise BootFailed(f"cube: no restart within {BOOT_TIMEOUT_S:.0f} s{_tail(seen)}") from None
+        failure = f"no restart within {BOOT_TIMEOUT_S:.0f} s"
     except VmError as exc:
-        raise BootFailed(f"cube: {exc}") from None
+        failure = str(exc).splitlines()[0]
     finally:
+        report = vm.crash_report(TAIL_BYTES)  # before close drops KVM's state; used on failure
         vm.close()
     end = time.perf_counter()
-    if reason is not StopReason.RESET or not marker_at:
-        raise BootFailed(f"cube: stopped ({reason.value}) without the marker{_tail(seen)}")
+    if failure:
+        raise BootFailed("cube: " + "\n".join([failure, *report]))
     return Boot((marker_at[0] - start) * 1e3, (end - start) * 1e3)
 
 
@@ -270,34 +274,30 @@ def template_image(name: str, data_dir: Path | None) -> Image:
     return info.image
 
 
-class OneTap:
+class BenchTaps:
     """What VmmBackend asks of a network (a lease with a tap, given back after the VM closed
-    it), reduced to one tap with nothing behind it: the bench restores one VM at a time."""
+    it), reduced to a few taps with nothing behind them: one per restore in flight."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, names: list[str]) -> None:
         # The guest side is never pushed to a guest (that is the daemon's assign); TEST-NET-1.
         guest = NetConfig(address="192.0.2.2/30", gateway="192.0.2.1")
-        self._lease = Lease(tap=name, mac=tap.BUILD_MAC, guest=guest)
-        self._lent = False
-
-    @property
-    def name(self) -> str:
-        return self._lease.tap
+        self._free = [Lease(tap=name, mac=tap.BUILD_MAC, guest=guest) for name in names]
+        self.name = names[0]  # for a restore outside the backend, while none is lent
+        self._count = len(names)
 
     async def lease(self) -> Lease:
-        if self._lent:
-            raise BackendError("the bench's tap is lent already: one restore at a time")
-        self._lent = True
-        return self._lease
+        if not self._free:
+            raise BackendError(f"all {self._count} of the bench's taps are lent")
+        return self._free.pop()
 
     def release(self, lease: Lease) -> None:
-        self._lent = False
+        self._free.append(lease)
 
 
 @contextlib.contextmanager
-def tap_for(image: Image) -> Iterator[OneTap | None]:
-    """A tap if the snapshot has a network device, else None; BenchRefused if the snapshot
-    cannot be read or no tap can be made (not root)."""
+def tap_for(image: Image, count: int = 1) -> Iterator[BenchTaps | None]:
+    """`count` taps if the snapshot has a network device, else None; BenchRefused if the
+    snapshot cannot be read or no tap can be made (not root)."""
     try:
         devices = snapshot.read_state(image.folder).virtio
     except snapshot.SnapshotError as exc:
@@ -307,13 +307,13 @@ def tap_for(image: Image) -> Iterator[OneTap | None]:
         return
     with contextlib.ExitStack() as stack:
         try:
-            name = stack.enter_context(tap.unconnected())
+            names = [stack.enter_context(tap.unconnected(i)) for i in range(count)]
         except (OSError, NetlinkError) as exc:
             raise BenchRefused(
                 f"the template has a network device, and restoring it needs a tap: {exc} "
                 "(run as root)"
             ) from None
-        yield OneTap(name)
+        yield BenchTaps(names)
 
 
 @dataclass
@@ -337,7 +337,7 @@ async def _restore_alone(folder: Path, workdir: Path, net_tap: str | None) -> fl
 
 
 async def restore_rounds(
-    image: Image, work: Path, count: int, taps: OneTap | None
+    image: Image, work: Path, count: int, taps: BenchTaps | None
 ) -> RestoreRounds:
     """Rounds of (MicroVm.restore alone, VmmBackend.start), each instance killed at once.
     BenchFailed if a restore fails or an agent does not answer (raised outside the nursery, so
@@ -366,7 +366,7 @@ async def restore_rounds(
     return rounds
 
 
-def run_template(name: str, image: Image, count: int, taps: OneTap | None) -> str:
+def run_template(name: str, image: Image, count: int, taps: BenchTaps | None) -> str:
     """Restore to agent reply for a template, as a printable table."""
     with tempfile.TemporaryDirectory(prefix="cube-bench-restore-") as scratch:
         rounds = trio.run(restore_rounds, image, Path(scratch), count, taps)

@@ -16,12 +16,15 @@ bzImage's self-decompression, ~5 s of every boot under TCG.
 from __future__ import annotations
 
 import lzma
+import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tomllib
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
 from cube import artifacts
@@ -29,11 +32,17 @@ from cube.paths import CHECKOUT_DIR
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
+# L1's kernel, a lab candidate (issue 12): bookworm's own 6.1, or 6.12 from bookworm-backports.
+# With QEMU 7.2's TCG, 6.1's nested KVM has livelocked delivering L2 timer interrupts and 6.12
+# has oopsed on an int3 left by cross-CPU text patching; the soak compares them.
+L1_KERNELS = {"6.1": SUITE, "6.12": f"{SUITE}-backports"}
+L1_KERNEL_ENV = "CUBE_LAB_L1_KERNEL"
+DEFAULT_L1_KERNEL = "6.1"
+KERNEL_PACKAGE = "linux-image-amd64"
 PACKAGES = (
     "python3",
     "iproute2",
     "kmod",
-    "linux-image-amd64",
     # the initramfs generator needs udev; without it the initrd cannot find the root disk
     "udev",
     # lab tests boot the guest kernel with QEMU -M microvm inside L1 as a peer to our VMM
@@ -72,6 +81,8 @@ KERNEL_NAME = "vmlinux"
 INITRD_NAME = "initrd.img"
 HEADROOM = 1 << 30
 XZ_MAGIC = b"\xfd7zXZ\x00"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+SETUP_HEADER_END = 0x250  # through payload_length
 
 # The initrd only has to find the virtio root disk. Debian's default (MODULES=most) packs ~35 MB
 # of drivers that TCG then spends seconds unpacking and probing on every boot.
@@ -91,18 +102,28 @@ def python_requirements(pyproject: Path = CHECKOUT_DIR / "pyproject.toml") -> li
     return [*project["dependencies"], *project.get("optional-dependencies", {}).get("test", [])]
 
 
-def image_key() -> str:
+def l1_kernel() -> str:
+    """The L1 kernel chosen by CUBE_LAB_L1_KERNEL (a key of L1_KERNELS)."""
+    version = os.environ.get(L1_KERNEL_ENV, DEFAULT_L1_KERNEL)
+    if version not in L1_KERNELS:
+        raise ImageError(f"{L1_KERNEL_ENV}={version!r}: choose one of {', '.join(L1_KERNELS)}")
+    return version
+
+
+def image_key(kernel: str = DEFAULT_L1_KERNEL) -> str:
     return artifacts.digest(
-        [Path(__file__), INIT_SCRIPT, SUITE, " ".join(PACKAGES), *python_requirements()]
-    )
+        [Path(__file__), INIT_SCRIPT, SUITE, L1_KERNELS[kernel], " ".join(PACKAGES),
+         *python_requirements()]
+    )  # fmt: skip
 
 
 def build_image() -> Path:
     """The artifact folder holding IMAGE_NAME, KERNEL_NAME and INITRD_NAME, built if missing."""
-    return artifacts.ensure_built("lab-image", image_key(), _build)
+    kernel = l1_kernel()
+    return artifacts.ensure_built("lab-image", image_key(kernel), partial(_build, kernel=kernel))
 
 
-def _build(out: Path) -> None:
+def _build(out: Path, kernel: str) -> None:
     rootfs = out / "rootfs"
     _run(
         [
@@ -114,7 +135,8 @@ def _build(out: Path) -> None:
             MIRROR,
         ]
     )
-    _drop_apt_caches(rootfs)
+    _install_kernel(rootfs, L1_KERNELS[kernel])
+    drop_apt_caches(rootfs)
     _install_python_deps(rootfs)
     for path, text in SYSTEM_FILES.items():
         _install_file(rootfs, path, text, 0o644)
@@ -136,7 +158,17 @@ def _run(argv: list[str]) -> None:
     subprocess.run(argv, check=True)
 
 
-def _drop_apt_caches(rootfs: Path) -> None:
+def _install_kernel(rootfs: Path, suite: str) -> None:
+    """KERNEL_PACKAGE from `suite`, by L1's own apt (its postinst builds the initrd)."""
+    sources = rootfs / "etc/apt/sources.list.d/cube-lab-kernel.list"
+    sources.write_text(f"deb {MIRROR} {suite} main\n")
+    _run(["chroot", str(rootfs), "apt-get", "update", "-q"])
+    _run(["chroot", str(rootfs), "apt-get", "install", "-q", "-y", "--no-install-recommends",
+          "-t", suite, KERNEL_PACKAGE])  # fmt: skip
+    sources.unlink()
+
+
+def drop_apt_caches(rootfs: Path) -> None:
     """debootstrap leaves the .debs and package lists (~200 MB); L1 has no apt source anyway."""
     for folder in ("var/cache/apt/archives", "var/lib/apt/lists"):
         for path in (rootfs / folder).iterdir():
@@ -186,11 +218,23 @@ def _boot_files(rootfs: Path) -> tuple[Path, Path]:
 
 
 def extract_vmlinux(bzimage: bytes) -> bytes:
-    """The kernel ELF inside a bzImage (Debian compresses its kernels with xz)."""
-    start = bzimage.find(XZ_MAGIC)
-    if start < 0:
-        raise ImageError("no xz-compressed kernel found in the bzImage")
-    elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[start:])
+    """The kernel ELF inside a bzImage: its compressed payload, found by the boot protocol's
+    setup header (the kernel's Documentation/arch/x86/boot.rst: setup_sects, payload_offset,
+    payload_length), in xz (Debian's 6.1) or zstd (its 6.12). The payload ends with the
+    4-byte decompressed size, which is not part of the stream."""
+    if len(bzimage) < SETUP_HEADER_END or bzimage[0x202:0x206] != b"HdrS":
+        raise ImageError("not a bzImage (no setup header)")
+    setup_sects = bzimage[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", bzimage, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    payload = bzimage[start : start + length - 4]
+    if payload.startswith(XZ_MAGIC):
+        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+    elif payload.startswith(ZSTD_MAGIC):
+        elf = subprocess.run(["zstd", "-d", "-c", "-q"], input=payload, capture_output=True,
+                             check=True).stdout  # fmt: skip
+    else:
+        raise ImageError(f"the bzImage's payload is neither xz nor zstd ({payload[:4].hex()})")
     if not elf.startswith(b"\x7fELF"):
         raise ImageError("the bzImage's payload is not an ELF kernel")
     return elf

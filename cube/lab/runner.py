@@ -42,7 +42,9 @@ from cube.lab.image import (
     KERNEL_NAME,
     SITE_DIR,
     build_image,
+    l1_kernel,
 )
+from cube.lab.qemu import OuterQemu, outer_qemu
 from cube.paths import CHECKOUT_DIR, cache_dir
 
 READY_MARKER = b"CUBE-LAB-READY\n"  # printed by l1-init.sh
@@ -165,10 +167,12 @@ def qemu_command(
     *,
     memory_mb: int,
     cpus: int,
+    qemu: Sequence[str] = OuterQemu("host").argv,
 ) -> list[str]:
-    """The QEMU command line for one run: L1 with emulated AMD-V, the shares, two serial ports."""
+    """The QEMU command line for one run: L1 with emulated AMD-V, the shares, two serial ports;
+    `qemu` is how to start the outer QEMU (cube.lab.qemu)."""
     argv = [
-        "qemu-system-x86_64",
+        *qemu,
         "-accel",
         "tcg,thread=multi",
         "-cpu",
@@ -341,8 +345,10 @@ def run_in_lab(
     and return EXIT_TIMEOUT or EXIT_LAB_FAILURE; their logs are kept in the run folder.
     """
     image = LabImage.in_dir(build_image())
+    qemu = outer_qemu()
+    print(f"cube lab: L1 kernel {l1_kernel()}, outer QEMU {qemu.name}", file=sys.stderr)
     with _one_lab_at_a_time():
-        run = partial(_run_once, image, command, forwards, timeout, boot_timeout, env,
+        run = partial(_run_once, image, qemu, command, forwards, timeout, boot_timeout, env,
                       memory_mb, cpus)  # fmt: skip
         code, panicked = run()
         for attempt in range(2, PANIC_ATTEMPTS + 1):
@@ -372,6 +378,7 @@ def _one_lab_at_a_time() -> Iterator[None]:
 
 def _run_once(
     image: LabImage,
+    qemu: OuterQemu,
     command: Sequence[str] | str,
     forwards: Sequence[tuple[int, int]],
     timeout: float,
@@ -389,7 +396,9 @@ def _run_once(
     )
     try:
         write_run_folder(run_dir, command, shares, {**tty, **(env or {})})
-        argv = qemu_command(image, run_dir, shares, forwards, memory_mb=memory_mb, cpus=cpus)
+        argv = qemu_command(
+            image, run_dir, shares, forwards, memory_mb=memory_mb, cpus=cpus, qemu=qemu.argv
+        )
         return supervise(
             argv, run_dir, sys.stdout.buffer, timeout=timeout, boot_timeout=boot_timeout
         ), False

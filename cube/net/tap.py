@@ -84,12 +84,13 @@ def cube_taps(ipr: IPRoute, prefix: str) -> list[str]:
 
 
 @contextmanager
-def unconnected() -> Iterator[str]:
+def unconnected(index: int = 0) -> Iterator[str]:
     """A tap for a template build's VM: the template needs its network device, but the build
     has no network. The tap has no address and stays down, so the guest's frames (none: eth0
     is configured only on a clone's identity refresh) go nowhere. Deleted on exit, and by
-    `stale_build_taps` if the builder dies first."""
-    name = f"{BUILD_PREFIX}{os.getpid()}"
+    `stale_build_taps` if the builder dies first. A process that needs several (a bench with
+    restores in flight at once) numbers them."""
+    name = f"{BUILD_PREFIX}{os.getpid()}" + (f"-{index}" if index else "")
     with IPRoute() as ipr:
         delete(ipr, name)  # a leftover of an earlier build by a process with our pid
         _persist(name)
@@ -104,7 +105,7 @@ def stale_build_taps(ipr: IPRoute) -> list[str]:
     names = []
     for link in ipr.get_links():
         name = link.get_attr("IFLA_IFNAME")
-        pid = name[len(BUILD_PREFIX) :]
+        pid = name[len(BUILD_PREFIX) :].partition("-")[0]
         if name.startswith(BUILD_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             names.append(name)
     return names

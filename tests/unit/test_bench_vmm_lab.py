@@ -160,14 +160,14 @@ def test_a_snapshot_without_a_network_device_needs_no_tap(monkeypatch: pytest.Mo
         assert taps is None
 
 
-def test_a_network_device_borrows_one_tap_one_restore_at_a_time(
+def test_a_network_device_borrows_a_tap_per_restore_in_flight(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _devices(monkeypatch, "blk", "vsock", "net")
     made: list[str] = []
 
     @contextlib.contextmanager
-    def unconnected() -> Iterator[str]:
+    def unconnected(index: int) -> Iterator[str]:
         made.append("made")
         yield "cubeb42"
         made.append("deleted")
@@ -179,7 +179,7 @@ def test_a_network_device_borrows_one_tap_one_restore_at_a_time(
         async def borrow() -> None:
             lease = await taps.lease()
             assert lease.tap == "cubeb42"
-            with pytest.raises(BackendError, match="one restore at a time"):
+            with pytest.raises(BackendError, match="all 1 of the bench's taps are lent"):
                 await taps.lease()
             taps.release(lease)
             assert (await taps.lease()).tap == "cubeb42"
@@ -191,7 +191,7 @@ def test_a_network_device_borrows_one_tap_one_restore_at_a_time(
 def test_no_tap_without_root_is_a_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
     _devices(monkeypatch, "net")
 
-    def unconnected() -> None:
+    def unconnected(index: int) -> None:
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(vmm_lab.tap, "unconnected", unconnected)

@@ -10,6 +10,7 @@ import io
 import lzma
 import os
 import re
+import struct
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cube.lab import cli, image, runner
+from cube.lab import cli, image, qemu, runner
 from cube.paths import CHECKOUT_DIR
 
 IMAGE = runner.LabImage(Path("/c/rootfs.ext4"), Path("/c/vmlinux"), Path("/c/initrd.img"))
@@ -286,12 +287,37 @@ def test_colours_follow_the_host_terminal() -> None:
 # --- image helpers ---
 
 
+def _bzimage(payload: bytes, elf_size: int) -> bytes:
+    """A bzImage as the boot protocol lays it out: a setup header naming one setup sector
+    and where the payload is (here, 16 bytes into the protected-mode code), then the payload
+    with the decompressed size appended and a trailer."""
+    setup = bytearray(1024)
+    setup[0x1F1] = 1
+    setup[0x202:0x206] = b"HdrS"
+    with_size = payload + struct.pack("<I", elf_size)
+    struct.pack_into("<II", setup, 0x248, 16, len(with_size))
+    return bytes(setup) + bytes(16) + with_size + b"trailer"
+
+
 def test_vmlinux_is_extracted_from_the_bzimage() -> None:
     elf = b"\x7fELF" + os.urandom(4096)
-    bzimage = b"setup code" + lzma.compress(elf, format=lzma.FORMAT_XZ) + b"\0trailer"
-    assert image.extract_vmlinux(bzimage) == elf
+    xz = lzma.compress(elf, format=lzma.FORMAT_XZ)
+    assert image.extract_vmlinux(_bzimage(xz, len(elf))) == elf
+    zstd = subprocess.run(["zstd", "-c", "-q"], input=elf, capture_output=True, check=True).stdout
+    assert image.extract_vmlinux(_bzimage(zstd, len(elf))) == elf
     with pytest.raises(image.ImageError):
         image.extract_vmlinux(b"no payload here")
+    with pytest.raises(image.ImageError):
+        image.extract_vmlinux(_bzimage(b"gzip?" + bytes(64), len(elf)))
+
+
+def test_the_l1_kernel_is_a_choice_of_two_with_its_own_image(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert image.image_key("6.1") != image.image_key("6.12")
+    monkeypatch.setenv(image.L1_KERNEL_ENV, "5.10")
+    with pytest.raises(image.ImageError, match=r"choose one of 6\.1, 6\.12"):
+        image.l1_kernel()
 
 
 def test_module_names_from_module_listings() -> None:
@@ -335,3 +361,20 @@ def test_only_an_l1_panic_repeats_a_run(
     monkeypatch.setattr(runner, "_run_once", lambda *args: calls.append(args) or next(outcomes))
     assert runner.run_in_lab("true", timeout=1, boot_timeout=1) == expected
     assert len(calls) == runs
+
+
+def test_the_outer_qemu_can_run_from_a_debian_13_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the root's own loader and libraries, its firmware first on QEMU's search path."""
+    outer = qemu.in_root(Path("/r"))
+    argv = runner.qemu_command(IMAGE, Path("/tmp/run"), SHARES, (), memory_mb=1024, cpus=2,
+                               qemu=outer.argv)  # fmt: skip
+    assert argv[: len(outer.argv)] == list(outer.argv)
+    assert argv[:5] == ["env", "QEMU_MODULE_DIR=/r/usr/lib/x86_64-linux-gnu/qemu",
+                        "/r/lib64/ld-linux-x86-64.so.2", "--library-path",
+                        "/r/lib/x86_64-linux-gnu:/r/usr/lib/x86_64-linux-gnu"]  # fmt: skip
+    assert argv[5] == "/r/usr/bin/qemu-system-x86_64"
+    assert _values(argv, "-L") == ["/r/usr/share/qemu", "/r/usr/share/seabios"]
+    assert _qemu()[0] == "qemu-system-x86_64"  # the host's, by default
+    monkeypatch.setenv(qemu.ENV, "qemu-7")
+    with pytest.raises(qemu.QemuChoiceError, match="choose one of host, debian13"):
+        qemu.outer_qemu()
