@@ -196,12 +196,18 @@ class VmmBackend:
             self._network.release(lease)
 
     async def _wait_for_agent(self, instance: VmInstance, timeout: float) -> None:
+        """Return once the agent answers; else a BackendError with the crash report, taken
+        from a paused VM if the guest still runs (where it hangs is the news)."""
         control = partial(self.control, instance)
         if await wait_answering(control, instance.dead, timeout):
             return
+        if not instance.dead.is_set():
+            await trio.to_thread.run_sync(instance.vm.pause)
+            if instance.vm.stop is None:  # it did not die while being paused
+                instance.report = tuple(instance.vm.crash_report())
         raise BackendError(
-            f"the guest agent did not answer: {instance.death or 'timeout'}; console tail:\n"
-            + instance.vm.console_tail(2048)
+            f"the guest agent did not answer: {instance.death or 'timeout'}\n"
+            + "\n".join(instance.report or instance.vm.console_tail(2048).splitlines())
         )
 
     # Talking to the guest.

@@ -485,10 +485,13 @@ class MicroVm:
 
     def crash_report(self, console_bytes: int = 4096) -> list[str]:
         """Why and how the guest stopped: every vCPU's state and last exits, then the console
-        tail. Only after `run()` returned and before `close()`, while KVM still holds the state."""
-        stop = self.stop or Stop(StopReason.REQUESTED)
-        detail = f" ({stop.detail})" if stop.detail else ""
-        lines = [f"guest stopped: {stop.reason.value}{detail}"]
+        tail. Only while no vCPU is in KVM_RUN (after `run()` returned, or paused: a guest
+        that hangs) and before `close()`, while KVM still holds the state."""
+        if self.stop is None:
+            lines = ["guest still running; its vCPUs were paused for this report"]
+        else:
+            detail = f" ({self.stop.detail})" if self.stop.detail else ""
+            lines = [f"guest stopped: {self.stop.reason.value}{detail}"]
         for runner in self.runners:
             lines += crash_report.vcpu_lines(runner.vcpu, runner.recent_exits())
         lines.append("--- console tail ---")
