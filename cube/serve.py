@@ -27,7 +27,7 @@ import trio
 import typer
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cube import logjson, paths
+from cube import data_lock, logjson, paths
 from cube.api.app import CubeApp
 from cube.api.context import ApiContext
 from cube.api.prom import DaemonMetrics
@@ -238,4 +238,8 @@ def serve_command(
         changes["pool"] = sizes
     config = msgspec.convert({**msgspec.to_builtins(config), **changes}, Config)
     logjson.setup()
-    trio.run(_serve, config)
+    try:
+        with data_lock.exclusive(data_dir_of(config)):
+            trio.run(_serve, config)
+    except data_lock.DataDirBusy as exc:
+        raise SystemExit(f"cube serve: {exc}") from None

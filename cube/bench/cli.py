@@ -193,7 +193,7 @@ def bench_soak(
             image = vmm_lab.template_image(template, data_dir)
             taps = stack.enter_context(vmm_lab.tap_for(image, width))
             plan = soak.SoakPlan(boots, reboots, restores, width, minutes)
-            typer.echo(soak.run(plan, kernel, image, taps))
+            typer.echo(soak.run(plan, kernel, template, image, taps))
     except vmm_lab.BenchRefused as exc:
         typer.echo(f"cube bench soak: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -239,7 +239,7 @@ class SoakPlan:
     minutes: float
 
 
-def run(plan: SoakPlan, kernel: Path, image: Image, taps: BenchTaps | None) -> str:
+def run(plan: SoakPlan, kernel: Path, name: str, image: Image, taps: BenchTaps | None) -> str:
     """Do the plan, the restores first (where L1 has livelocked before), then the boots, then
     the reboots; each kind has an equal share of the time left when it starts. The table."""
     end = time.monotonic() + plan.minutes * 60
@@ -276,7 +276,7 @@ def run(plan: SoakPlan, kernel: Path, image: Image, taps: BenchTaps | None) -> s
     trouble = l1_trouble()
     return "\n".join(
         [
-            f"cube bench soak: kernel {kernel}; template {image.template_id} "
+            f"cube bench soak: kernel {kernel}; template {name} "
             f"({cpus} vCPU, {memory_mib} MiB); restores {plan.width} at a time; "
             f"deadline {plan.minutes:g} min",
             f"{'work':<28} {'runs':>6} {'deaths':>6} {'per 1000':>10} {'per hour':>9} "

@@ -58,6 +58,7 @@ BOOT_AGENT_TIMEOUT_S = 180.0  # a rebooted guest's init starts the agent (a minu
 # one of them past AGENT_TIMEOUT_S (seen in the lab), so bursts queue here, a few per CPU wide.
 STARTS_PER_CPU = 2
 CONNECT_TIMEOUT_S = 10.0
+FORK_PREFIX = "fork-"  # in the work folder: a fork's snapshot, which its copies' disks read
 
 
 class Taps(Protocol):
@@ -99,10 +100,20 @@ class VmmBackend:
         """Own every VM's run task; on cancellation every VM still running is stopped."""
         install_kick_handler()  # restores run in worker threads, and Python sets handlers here
         self._work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await trio.to_thread.run_sync(self._remove_stale_work)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
+
+    def _remove_stale_work(self) -> None:
+        """VM work folders (disk overlays of VMs that ran) left by a daemon that died: no VM
+        of ours runs yet, and the data dir's lock (cube.data_lock) keeps any other daemon out.
+        Fork snapshots stay: a paused fork's disk still reads its fork's frozen overlay."""
+        for folder in self._work_dir.iterdir():
+            if not folder.name.startswith(FORK_PREFIX):
+                log.info("removed a VM work folder left by a crash", extra={"vm": folder.name})
+                shutil.rmtree(folder, ignore_errors=True)
 
     # Starting.
 
@@ -263,7 +274,7 @@ class VmmBackend:
         """Copies restored from a diff snapshot kept under the work folder: the copies' disks
         read the snapshot's frozen overlay, so it lives as long as the backend's work folder.
         """
-        folder = self._work_dir / f"fork-{new_id(12)}"
+        folder = self._work_dir / f"{FORK_PREFIX}{new_id(12)}"
         await self.snapshot(instance, folder)
         return await start_all(count, partial(self._restore, folder, instance.resources), self.kill)
 

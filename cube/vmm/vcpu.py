@@ -31,6 +31,7 @@ from cube.vmm.kvm import Vcpu, ffi, lib
 KICK_SIGNAL = signal.SIGRTMIN + 2
 # Exits each vCPU remembers for a crash report: (reason, port or address, 1 for out/write).
 RECENT_EXITS = 16
+TRIPLE_FAULT = "triple fault"  # a KVM_EXIT_SHUTDOWN's detail
 RecentExit = tuple[int, int, int]
 
 # Labels for the exit reasons our bindings declare; any other reason is labelled by its number.
@@ -150,7 +151,7 @@ class VcpuRunner:
         if reason == lib.KVM_EXIT_HLT:
             return Stop(StopReason.SHUTDOWN, "halted with interrupts off")
         if reason == lib.KVM_EXIT_SHUTDOWN:
-            return Stop(StopReason.SHUTDOWN, "triple fault")
+            return Stop(StopReason.SHUTDOWN, TRIPLE_FAULT)
         if reason == lib.KVM_EXIT_SYSTEM_EVENT:
             kind = run.system_event.type
             if kind == lib.KVM_SYSTEM_EVENT_RESET:

@@ -38,13 +38,20 @@ from cube.vmm.disk import LayeredDisk
 from cube.vmm.elf import load_vmlinux
 from cube.vmm.kvm import PAGE_SIZE, Kvm, KvmError, Vcpu, Vm, ffi
 from cube.vmm.memory import GuestRam
-from cube.vmm.vcpu import Stop, StopReason, VcpuRunner, install_kick_handler
+from cube.vmm.vcpu import TRIPLE_FAULT, Stop, StopReason, VcpuRunner, install_kick_handler
 
 SERIAL_PORT = 0x3F8
 I8042_PORT = 0x60
 BASE_CMDLINE = "console=ttyS0 reboot=k panic=1 nomodule i8042.noaux i8042.nomux i8042.dumbkbd"
 GUEST_CID = 3  # every VM has its own vsock device, so all guests can share one CID
 IRQCHIP_IDS = (0, 1, 2)  # PIC master, PIC slave, IOAPIC
+# KVM on AMD reinitialises a vCPU's VMCB at a shutdown intercept, so after a triple fault its
+# registers read as the reset state (rip 0xfff0, cs base 0xffff0000) and only the events keep
+# the exception that could not be delivered; on Intel they are the state at the fault.
+TRIPLE_FAULT_NOTE = (
+    "(on AMD hosts KVM resets a vCPU that triple-faults: reset-state registers below mean "
+    "that, and the exception line keeps the fault that could not be delivered)"
+)
 
 
 class VmError(RuntimeError):
@@ -492,6 +499,8 @@ class MicroVm:
         else:
             detail = f" ({self.stop.detail})" if self.stop.detail else ""
             lines = [f"guest stopped: {self.stop.reason.value}{detail}"]
+            if self.stop.detail == TRIPLE_FAULT:
+                lines.append(TRIPLE_FAULT_NOTE)
         for runner in self.runners:
             lines += crash_report.vcpu_lines(runner.vcpu, runner.recent_exits())
         lines.append("--- console tail ---")

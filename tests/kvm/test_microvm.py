@@ -15,7 +15,7 @@ import trio
 
 from cube.bench.guest import make_vmlinux
 from cube.vmm.vcpu import Stop, StopReason
-from cube.vmm.vm import MicroVm, VmConfig
+from cube.vmm.vm import TRIPLE_FAULT_NOTE, MicroVm, VmConfig
 
 pytestmark = pytest.mark.kvm
 
@@ -69,7 +69,7 @@ def test_a_triple_fault_is_reported_with_the_vcpu_state(tmp_path: Path) -> None:
     finally:
         vm.close()
     assert stop == Stop(StopReason.SHUTDOWN, "triple fault") and vm.died()
-    assert report[0] == "guest stopped: shutdown (triple fault)"
+    assert report[:2] == ["guest stopped: shutdown (triple fault)", TRIPLE_FAULT_NOTE]
     text = "\n".join(report)
     for expected in ("vCPU 0 (", "rip=0x", "cr0=0x", "cs: sel=", "idt: base=", "exception: nr="):
         assert expected in text

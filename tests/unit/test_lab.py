@@ -378,3 +378,14 @@ def test_the_outer_qemu_can_run_from_a_debian_13_root(monkeypatch: pytest.Monkey
     monkeypatch.setenv(qemu.ENV, "qemu-7")
     with pytest.raises(qemu.QemuChoiceError, match="choose one of host, debian13"):
         qemu.outer_qemu()
+
+
+def test_the_lab_runs_qemu_10_or_newer_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(qemu.ENV, raising=False)
+    monkeypatch.setattr(qemu, "host_version", lambda: 7)
+    assert qemu.chosen() == "debian13"
+    monkeypatch.setattr(qemu, "host_version", lambda: 10)
+    assert qemu.chosen() == "host"
+    monkeypatch.setenv(qemu.ENV, "host")
+    monkeypatch.setattr(qemu, "host_version", lambda: 7)
+    assert qemu.chosen() == "host"  # asked for by name
