@@ -10,6 +10,9 @@ no network at all, never an unfiltered one.
 Shutdown (SIGTERM or SIGINT) is graceful: Hypercorn stops accepting and lets requests finish
 (up to its graceful timeout), then every running sandbox is paused or killed as configured, so
 that the records on disk are final; the warm pool's spare sandboxes are freed last.
+
+SIGUSR1 dumps every thread's stack and the trio task tree to stderr (the log) and changes
+nothing else (cube.dump): what a hung daemon is doing, asked without stopping it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from cube.api.context import ApiContext
 from cube.api.prom import DaemonMetrics
 from cube.apikeys import ApiKeyStore
 from cube.config import Config, load
+from cube.dump import dump_on_signal
 from cube.net.manager import NetworkManager
 from cube.pool.backend import Backend, Image
 from cube.pool.catalog import Catalog, ChainCatalog, MemoryCatalog, TemplateInfo
@@ -199,6 +203,7 @@ async def _serve(config: Config) -> None:
         _prune_template_builds(data_dir_of(config), catalog)
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(dump_on_signal)
             if network is not None:
                 await nursery.start(network.maintain)
             await nursery.start(backend.run)

@@ -12,6 +12,10 @@ packages=(
   qemu-system-x86 qemu-utils debootstrap e2fsprogs
   # eBPF egress filter and sandbox networking
   clang llvm libbpf-dev bpftool iproute2 nftables
+  # `sysctl` (the net tests and benches set it inside namespaces) and `zstd` (cube/lab/image.py
+  # unpacks zstd-compressed kernels; OCI layers): part of a default Debian 12 install but not of
+  # a minimal Debian 13 one, so name them
+  procps zstd
 )
 
 missing=()

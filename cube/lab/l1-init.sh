@@ -8,6 +8,7 @@
 # ttyS1 (which the host streams live), writes its status to exit-status and powers off. Its own
 # messages go to the console (ttyS0, a log file on the host). A set-up failure powers off without
 # writing exit-status, which the runner reports as a lab failure along with the console log.
+# While the command runs, a watcher answers the runner's request for dumps (dump_when_asked).
 
 RUN=/run/lab
 OUT=/dev/ttyS1
@@ -31,6 +32,62 @@ power_off() {
 fail() {
     log "FAILED: $*"
     power_off
+}
+
+# Hang dumps. When the command runs past its timeout the runner creates dump-request in the run
+# folder and waits a while for dump-done before it stops L1. Meanwhile every `cube serve` and
+# pytest here dumps its threads (SIGUSR1: cube/dump.py, tests/lab/conftest.py), L1's kernel its
+# CPUs' and blocked tasks' backtraces (to the console log), and serve's logs are copied into the
+# run folder. The bracketed first letters keep each pattern from matching a command line that
+# contains the pattern itself.
+DUMP_REQUEST=dump-request DUMP_DONE=dump-done # runner.py's DUMP_REQUEST, DUMP_DONE
+SERVE_PATTERN='(^|[ /])[c]ube serve( |$)'
+PYTEST_PATTERN='(^|[ /])[p]y\.?test( |$)'
+LAB_SERVE_LOG=lab-serve-test/serve.log # tests/lab/daemon.py's, in the cache
+LOG_TAIL_BYTES=2000000
+
+dump_when_asked() {
+    until [ -e "$RUN/$DUMP_REQUEST" ]; do sleep 2; done
+    log "dump requested"
+    local serves pid
+    # pgrep reads every process's command line, which waits on a process stuck holding its mmap
+    # lock: a time limit, so that the kernel's part still comes out
+    serves=$(timeout 5 pgrep -f "$SERVE_PATTERN")
+    for pid in $serves $(timeout 5 pgrep -f "$PYTEST_PATTERN"); do
+        catches_usr1 "$pid" && kill -USR1 "$pid"
+    done
+    echo 8 >/proc/sys/kernel/printk # every level to the console, for the backtraces
+    echo l >/proc/sysrq-trigger
+    echo w >/proc/sysrq-trigger
+    sleep 5 # for the daemons' trio tasks to write their part, if their loops are alive
+    copy_serve_logs $serves
+    sync
+    touch "$RUN/$DUMP_DONE"
+    log "dumps written"
+}
+
+# Whether PID has a handler for SIGUSR1 (bit 9 of SigCgt): its default action ends a process,
+# so one that would not dump (a serve still starting, a shell whose command line names serve)
+# is left alone.
+catches_usr1() {
+    local caught
+    caught=$(awk '/^SigCgt:/ { print $2 }' "/proc/$1/status" 2>/dev/null) || return 1
+    [ -n "$caught" ] && (((0x$caught >> 9) & 1))
+}
+
+copy_serve_logs() { # PID...: the lab tests' serve log as serve.log, other serves' as serve-PID.log
+    local tag path cache= pid file
+    while IFS=$'\t' read -r tag path; do
+        [ "$tag" = cache ] && cache=$path
+    done <"$RUN/shares"
+    if [ -f "$cache/$LAB_SERVE_LOG" ]; then
+        tail -c "$LOG_TAIL_BYTES" "$cache/$LAB_SERVE_LOG" >"$RUN/serve.log"
+    fi
+    for pid in "$@"; do
+        file=$(readlink "/proc/$pid/fd/2") && [ -f "$file" ] || continue
+        [ "$file" = "$cache/$LAB_SERVE_LOG" ] && continue
+        tail -c "$LOG_TAIL_BYTES" "$file" >"$RUN/serve-$pid.log"
+    done
 }
 
 ensure_mount() { # TYPE SOURCE DIR [OPTIONS]
@@ -74,8 +131,11 @@ done
 log "ready"
 stty -F "$OUT" raw -echo || fail "set up $OUT"
 echo "$READY_MARKER" >"$OUT"
+dump_when_asked &
+watcher=$!
 bash "$RUN/command.sh" </dev/null >"$OUT" 2>&1
 status=$?
+kill "$watcher" 2>/dev/null # gone already if it answered a dump request
 # stty sets the mode with TCSETSW, which first waits until all output has left the UART, so the
 # command's last lines are not lost to the power-off.
 stty -F "$OUT" raw -echo

@@ -11,6 +11,12 @@ this module copies to ours; the first serial port (the kernel console) goes to a
 printed when something goes wrong. Every wait has a deadline: a lab that does not come up, or a
 command that hangs, fails the run with the console log instead of hanging CI, and QEMU never
 outlives the runner.
+
+Before it stops a hung command, the runner asks L1 for dumps (a file DUMP_REQUEST in the run
+folder): l1-init.sh's watcher then has `cube serve` and pytest write their threads' stacks (and
+serve its trio tasks), L1's kernel its CPUs' and blocked tasks' backtraces (to the console log),
+copies serve's log into the run folder and answers with DUMP_DONE. The runner waits for that a
+bounded time, since L1's kernel may be what hangs.
 """
 
 from __future__ import annotations
@@ -61,6 +67,11 @@ RUN_TAG = "labrun"  # l1-init.sh mounts this share at /run/lab
 SHARES_FILE = "shares"
 COMMAND_FILE = "command.sh"
 STATUS_FILE = "exit-status"
+DUMP_REQUEST = "dump-request"  # l1-init.sh's watcher polls for it every 2 s
+DUMP_DONE = "dump-done"
+DUMP_WAIT = 30.0  # seconds for L1 to answer a dump request
+DUMP_POLL = 0.5
+SERVE_LOGS = "serve*.log"  # l1-init.sh's copies of `cube serve` logs, with their dumps
 CONSOLE_LOG = "console.log"
 QEMU_LOG = "qemu.log"
 CONSOLE_TAIL_LINES = 60
@@ -84,6 +95,16 @@ class LabFailure(Exception):
     def __init__(self, reason: str, exit_code: int) -> None:
         super().__init__(reason)
         self.exit_code = exit_code
+
+
+class CommandTimeout(LabFailure):
+    """The command ran past its timeout; `answered` is whether L1 then wrote its dumps (None
+    before they were asked for)."""
+
+    def __init__(self, timeout: float, *, answered: bool | None = None) -> None:
+        super().__init__(f"the command ran past its timeout of {timeout:g} s", EXIT_TIMEOUT)
+        self.timeout = timeout
+        self.answered = answered
 
 
 @dataclass(frozen=True)
@@ -262,20 +283,52 @@ def _follow(fd: int, out: BinaryIO, *, timeout: float, boot_timeout: float) -> N
     print(f"cube lab: L1 ready after {ready - started:.1f} s", file=sys.stderr, flush=True)
     out.write(received.partition(READY_MARKER)[2])
     out.flush()
-    while chunk := _read(fd, ready + timeout):
+    if not _copy(fd, out, ready + timeout):
+        raise CommandTimeout(timeout)
+
+
+def _copy(fd: int, out: BinaryIO, deadline: float) -> bool:
+    """Copy QEMU's output to `out` until QEMU exits (True) or the deadline passes (False)."""
+    while chunk := _read(fd, deadline):
         out.write(chunk)
         out.flush()
-    if chunk is None:
-        raise LabFailure(f"the command ran past its timeout of {timeout:g} s", EXIT_TIMEOUT)
+    return chunk is not None
+
+
+def _request_dumps(fd: int, out: BinaryIO, run_dir: Path, wait: float) -> bool:
+    """Ask L1 for its dumps and wait at most `wait` seconds for them; True if L1 answered.
+
+    The command's output is still copied meanwhile: pytest's dump, and serve's when serve is
+    the command, travel on it."""
+    print(
+        f"cube lab: the command ran past its timeout; asking L1 for dumps (up to {wait:g} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    (run_dir / DUMP_REQUEST).touch()
+    deadline = time.monotonic() + wait
+    while not (run_dir / DUMP_DONE).exists():
+        now = time.monotonic()
+        if now >= deadline or _copy(fd, out, min(deadline, now + DUMP_POLL)):
+            return False  # no answer in time, or QEMU is gone
+    _copy(fd, out, time.monotonic() + DUMP_POLL)  # what is still on its way from the UART
+    return True
 
 
 def supervise(
-    argv: Sequence[str], run_dir: Path, out: BinaryIO, *, timeout: float, boot_timeout: float
+    argv: Sequence[str],
+    run_dir: Path,
+    out: BinaryIO,
+    *,
+    timeout: float,
+    boot_timeout: float,
+    dump_wait: float = DUMP_WAIT,
 ) -> int:
     """Run QEMU (argv) to completion and return the command's exit status from run_dir.
 
-    Raises LabFailure on a boot or command timeout, or when L1 stops without a status; QEMU is
-    killed on every way out of here, exceptions and signals included.
+    Raises LabFailure on a boot or command timeout, or when L1 stops without a status; a
+    command timeout (CommandTimeout) first asks L1 for dumps, waiting at most `dump_wait`
+    seconds. QEMU is killed on every way out of here, exceptions and signals included.
     """
     with open(run_dir / QEMU_LOG, "wb") as qemu_log:
         proc = subprocess.Popen(
@@ -288,7 +341,12 @@ def supervise(
     assert proc.stdout is not None
     try:
         with _sigterm_exits():
-            _follow(proc.stdout.fileno(), out, timeout=timeout, boot_timeout=boot_timeout)
+            fd = proc.stdout.fileno()
+            try:
+                _follow(fd, out, timeout=timeout, boot_timeout=boot_timeout)
+            except CommandTimeout as hung:
+                answered = _request_dumps(fd, out, run_dir, dump_wait)
+                raise CommandTimeout(hung.timeout, answered=answered) from None
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -312,7 +370,8 @@ def _tail(path: Path, lines: int) -> list[str]:
 
 
 def report_failure(failure: LabFailure, run_dir: Path) -> None:
-    """Tell why the lab failed, with the end of the L1 console and of QEMU's own messages."""
+    """Tell why the lab failed, with the end of the L1 console and of QEMU's own messages, and
+    for a hung command where L1's dumps are."""
     say = sys.stderr.write
     say(f"cube lab: {failure}\n")
     for name, lines, what in (
@@ -325,8 +384,22 @@ def report_failure(failure: LabFailure, run_dir: Path) -> None:
             say("".join(f"  {line}\n" for line in tail))
         else:
             say(f"cube lab: ({what}: nothing)\n")
+    if isinstance(failure, CommandTimeout) and failure.answered is not None:
+        say(_dumps_note(failure.answered, run_dir))
     say(f"cube lab: logs kept in {run_dir}\n")
     sys.stderr.flush()
+
+
+def _dumps_note(answered: bool, run_dir: Path) -> str:
+    if not answered:
+        return "cube lab: L1 did not answer the dump request (its kernel may be hung itself)\n"
+    where = [f"L1's CPUs and blocked tasks in {run_dir / CONSOLE_LOG}"]
+    where += [
+        f"`cube serve`'s threads and trio tasks in {log}"
+        for log in sorted(run_dir.glob(SERVE_LOGS))
+    ]
+    where.append("pytest's (or a serving command's) threads in the command's output above")
+    return f"cube lab: L1 answered the dump request: {'; '.join(where)}\n"
 
 
 def run_in_lab(

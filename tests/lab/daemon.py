@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +51,10 @@ class Daemon:
     key: str
     log: Path
     port: int
+    data: Path
+    # SIGKILL `cube serve` and start it again on the same data dir; returns the new pid
+    kill_and_restart: Callable[[], int]
+    pid: Callable[[], int]  # the serving process's, now
 
     def sdk(self) -> dict[str, object]:
         return {"api_key": self.key, "api_url": self.url, "sandbox_url": self.url,
@@ -126,15 +130,28 @@ def running_daemon() -> Iterator[Daemon]:
     )
     log = data / "serve.log"
     with fake_internet(), open(log, "w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "cube", "serve", "--config", str(config)],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        daemon = Daemon(f"http://127.0.0.1:{port}", key, log, port)
+
+        def start() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                [sys.executable, "-m", "cube", "serve", "--config", str(config)],
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+        def kill_and_restart() -> int:
+            servers[0].kill()
+            servers[0].wait()
+            servers[0] = start()
+            _wait_listening(daemon, servers[0])
+            return servers[0].pid
+
+        servers = [start()]
+        daemon = Daemon(f"http://127.0.0.1:{port}", key, log, port, data, kill_and_restart,
+                        lambda: servers[0].pid)  # fmt: skip
         try:
-            _wait_listening(daemon, server)
+            _wait_listening(daemon, servers[0])
             yield daemon
         finally:
+            server = servers[0]
             server.send_signal(signal.SIGTERM)
             try:
                 server.wait(timeout=120)

@@ -6,12 +6,16 @@ marker (or not), write an exit status (or not) and hang (or not), as L1 would.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import lzma
 import os
 import re
 import struct
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -178,10 +182,11 @@ def _fake_qemu(run_dir: Path, script: str) -> list[str]:
     return ["bash", "-c", script, "fake-qemu", str(run_dir)]
 
 
-def _supervise(tmp_path: Path, script: str, *, timeout=10.0, boot_timeout=10.0):
+def _supervise(tmp_path: Path, script: str, *, timeout=10.0, boot_timeout=10.0, dump_wait=1.0):
     out = io.BytesIO()
     argv = _fake_qemu(tmp_path, script)
-    status = runner.supervise(argv, tmp_path, out, timeout=timeout, boot_timeout=boot_timeout)
+    status = runner.supervise(argv, tmp_path, out, timeout=timeout, boot_timeout=boot_timeout,
+                              dump_wait=dump_wait)  # fmt: skip
     return status, out.getvalue()
 
 
@@ -389,3 +394,126 @@ def test_the_lab_runs_qemu_10_or_newer_by_default(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(qemu.ENV, "host")
     monkeypatch.setattr(qemu, "host_version", lambda: 7)
     assert qemu.chosen() == "host"  # asked for by name
+
+
+# --- dumps before a hung command is stopped ---
+
+# L1 as l1-init.sh's watcher plays it: it answers the dump request with a dump on the command's
+# output (as pytest's is) and a copy of serve's log, then dump-done; and the command hangs on.
+ANSWERS_DUMPS = """echo $$ > "$1/pid"; echo CUBE-LAB-READY
+until [ -e "$1/dump-request" ]; do sleep 0.1; done
+echo "Thread 0x0000000000000001 (most recent call first):"
+echo "a dump" > "$1/serve.log"; touch "$1/dump-done"; exec sleep 60"""
+
+
+def test_a_hung_command_asks_l1_for_dumps_before_it_is_stopped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(runner.CommandTimeout) as failure:
+        _supervise(tmp_path, ANSWERS_DUMPS, timeout=0.5, dump_wait=30.0)
+    assert time.monotonic() - started < 15  # not the whole dump_wait: L1 answered
+    assert (tmp_path / runner.DUMP_REQUEST).exists()
+    assert failure.value.answered is True
+    assert failure.value.exit_code == runner.EXIT_TIMEOUT
+    _assert_killed(tmp_path)
+    runner.report_failure(failure.value, tmp_path)
+    err = capsys.readouterr().err
+    assert "past its timeout" in err and "L1 answered the dump request" in err
+    assert f"in {tmp_path / 'serve.log'}" in err and f"in {tmp_path / 'console.log'}" in err
+
+
+def test_the_dumps_travel_on_the_command_output_while_the_runner_waits(tmp_path: Path) -> None:
+    out = io.BytesIO()
+    with pytest.raises(runner.CommandTimeout):
+        runner.supervise(_fake_qemu(tmp_path, ANSWERS_DUMPS), tmp_path, out, timeout=0.5,
+                         boot_timeout=10, dump_wait=30)  # fmt: skip
+    assert b"Thread 0x0000000000000001 (most recent call first):" in out.getvalue()
+
+
+def test_the_wait_for_dumps_is_bounded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.monotonic()
+    with pytest.raises(runner.CommandTimeout) as failure:
+        _supervise(tmp_path, 'echo $$ > "$1/pid"; echo CUBE-LAB-READY; exec sleep 60',
+                   timeout=0.5, dump_wait=1.5)  # fmt: skip
+    assert 2.0 <= time.monotonic() - started < 10
+    assert (tmp_path / runner.DUMP_REQUEST).exists()
+    assert failure.value.answered is False
+    _assert_killed(tmp_path)
+    runner.report_failure(failure.value, tmp_path)
+    assert "L1 did not answer the dump request" in capsys.readouterr().err
+
+
+def test_the_init_script_answers_the_dump_request() -> None:
+    assert f"DUMP_REQUEST={runner.DUMP_REQUEST} DUMP_DONE={runner.DUMP_DONE} " in INIT
+    assert '"$RUN/$DUMP_REQUEST"' in INIT and '"$RUN/$DUMP_DONE"' in INIT
+    assert "dump_when_asked &\n" in INIT
+    assert "echo l >/proc/sysrq-trigger\n" in INIT and "echo w >/proc/sysrq-trigger\n" in INIT
+    # where tests/lab/daemon.py has serve write its log, copied as the runner names it
+    assert "LAB_SERVE_LOG=lab-serve-test/serve.log " in INIT
+    daemon = (CHECKOUT_DIR / "tests" / "lab" / "daemon.py").read_text()
+    assert 'cache_dir() / "lab-serve-test"' in daemon and '"serve.log"' in daemon
+    assert '>"$RUN/serve.log"' in INIT and runner.SERVE_LOGS == "serve*.log"
+
+
+def _init_pattern(name: str) -> str:
+    match = re.search(rf"^{name}='([^']+)'$", INIT, re.MULTILINE)
+    assert match, name
+    return match[1]
+
+
+@contextlib.contextmanager
+def _processes(*command_lines: str) -> Iterator[list[int]]:
+    """Processes whose command line (as pgrep -f sees it) is each of `command_lines`."""
+    procs = [subprocess.Popen(["bash", "-c", 'exec -a "$0" sleep 60', line])
+             for line in command_lines]  # fmt: skip
+    try:
+        time.sleep(0.3)  # until each has exec'd
+        yield [proc.pid for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def _pgrep(pattern: str) -> set[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return {int(pid) for pid in found.split()}
+
+
+def test_the_watchers_patterns_find_serve_and_pytest_and_never_themselves() -> None:
+    serve, pytest_ = _init_pattern("SERVE_PATTERN"), _init_pattern("PYTEST_PATTERN")
+    with _processes(
+        "python3 -m cube serve --listen 127.0.0.1:3000",
+        "/usr/bin/python3 -m cube serve --config /c/cube.toml",
+        "python3 -u -m pytest -m lab tests/lab",
+        f"bash -c pgrep -f '{serve}' '{pytest_}'",  # a watcher with the patterns in its command
+        "python3 -m cube lab serve --port 3000",
+        "python3 -m cube template build base",
+    ) as (serve1, serve2, tests, watcher, lab_serve, build):
+        assert _pgrep(serve) & {serve1, serve2, tests, watcher, lab_serve, build} == {
+            serve1,
+            serve2,
+        }
+        assert _pgrep(pytest_) & {serve1, serve2, tests, watcher, lab_serve, build} == {tests}
+
+
+def test_the_dump_watcher_signals_only_processes_that_catch_sigusr1() -> None:
+    """SIGUSR1's default action ends a process: one that would not dump must not get it."""
+    script = (Path(image.INIT_SCRIPT)).read_text()
+    function = re.search(r"^catches_usr1\(\) \{.*?^\}", script, re.S | re.M)
+    assert function is not None
+    catcher = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGUSR1, "
+         "lambda *a: None); print(flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    plain = subprocess.Popen(["sleep", "60"])
+    try:
+        assert catcher.stdout is not None and catcher.stdout.readline()
+        check = f"{function.group(0)}\ncatches_usr1 {catcher.pid} && ! catches_usr1 {plain.pid}"
+        assert subprocess.run(["bash", "-c", check]).returncode == 0
+    finally:
+        for process in (catcher, plain):
+            process.kill()
+            process.wait()
