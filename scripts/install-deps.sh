@@ -13,8 +13,8 @@ packages=(
   # eBPF egress filter and sandbox networking
   clang llvm libbpf-dev bpftool iproute2 nftables
   # `sysctl` (the net tests and benches set it inside namespaces) and `zstd` (cube/lab/image.py
-  # unpacks zstd-compressed kernels; OCI layers): part of a default Debian 12 install but not of
-  # a minimal Debian 13 one, so name them
+  # unpacks zstd-compressed kernels; OCI layers): procps is in a default Debian 12 or 13 install
+  # (priority important), but a minimal root (debootstrap minbase, a container) has neither
   procps zstd
 )
 

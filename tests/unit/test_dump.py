@@ -80,13 +80,14 @@ import trio
 from cube.dump import dump_on_signal
 
 def block_the_loop():
+    # "ready" from in here, so that the dump the test asks for finds this frame on the stack
+    print("ready", flush=True)
     sys.stdin.readline()  # the trio thread is stuck until the test writes a line
 
 async def main():
     secret = "hunter2-never-in-a-dump"
     async with trio.open_nursery() as nursery:
         await nursery.start(dump_on_signal)
-        print("ready", flush=True)
         block_the_loop()
         await trio.sleep_forever()
 
