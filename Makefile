@@ -71,7 +71,7 @@ test-lab: venv
 	$(CUBE) lab run --timeout $(LAB_TIMEOUT) -- python3 -u -m pytest -m lab tests/lab
 
 # Issue 12's stress tests (create/command/kill cycles, hostile guests, a killed daemon, restore
-# cycles) in the lab; not in `test`: L1 itself has panicked under them (tests/soak/conftest.py).
+# cycles) in the lab; not in `test` yet (tests/soak/conftest.py says why).
 soak: venv
 	$(PY) -m tests.lab.artifacts
 	$(CUBE) template build-defaults --rootfs-only

@@ -31,6 +31,8 @@ from pathlib import Path
 
 E2B_VERSION = "2.45.1"  # the python-sdk the E2B mirror's tests were written for
 CI_VERSION = "2.9.1"  # the newest code-interpreter-python tag; its `e2b = ^2.39.1` admits 2.45.1
+# What users install today (PyPI, 2026-12): the same tests driven by these show the SDK's drift.
+E2B_CURRENT, CI_CURRENT = "2.63.0", "2.11.5"
 # Test tooling the suites' own dev dependencies name (ranges from their pyproject files).
 PLUGINS = (
     "pytest>=9.0.3,<10",
@@ -167,16 +169,16 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "cube"
 
 
-def ensure_venv(root: Path) -> Path:
+def ensure_venv(root: Path, e2b_sdk: str, ci_sdk: str) -> Path:
     """The suite's virtualenv (made once per SDK versions), returning its python."""
-    folder = root / f"venv-e2b{E2B_VERSION}-ci{CI_VERSION}"
+    folder = root / f"venv-e2b{e2b_sdk}-ci{ci_sdk}"
     python = folder / "bin" / "python"
     stamp = folder / ".complete"
     if stamp.is_file():
         return python
     shutil.rmtree(folder, ignore_errors=True)
     venv.create(folder, with_pip=True)
-    pins = [f"e2b=={E2B_VERSION}", f"e2b-code-interpreter=={CI_VERSION}", *PLUGINS]
+    pins = [f"e2b=={e2b_sdk}", f"e2b-code-interpreter=={ci_sdk}", *PLUGINS]
     subprocess.run([python, "-m", "pip", "install", "-q", *pins], check=True)
     stamp.touch()
     return python
@@ -229,6 +231,14 @@ def main() -> int:
         default="vmm",
         help="the server's backend: `process` also skips what host processes cannot do",
     )
+    parser.add_argument(
+        "--sdk",
+        choices=("tagged", "current"),
+        default="tagged",
+        help=f"the SDK releases that drive the tests (always taken at the tags): `tagged` is "
+        f"e2b {E2B_VERSION} / e2b-code-interpreter {CI_VERSION}, `current` is {E2B_CURRENT} / "
+        f"{CI_CURRENT}",
+    )
     parser.add_argument("--subset", action="append", choices=SUBSETS, help="default: all")
     parser.add_argument("--timeout", type=float, default=30, help="seconds per test (pytest)")
     parser.add_argument("-n", "--workers", type=int, default=2, help="pytest-xdist workers")
@@ -238,8 +248,9 @@ def main() -> int:
         parser.error("--api-key or E2B_API_KEY is required (`cube apikey create`)")
 
     root = cache_dir() / "upstream-suite"
-    python = ensure_venv(root)
-    run_dir = root / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    sdk = (E2B_VERSION, CI_VERSION) if args.sdk == "tagged" else (E2B_CURRENT, CI_CURRENT)
+    python = ensure_venv(root, *sdk)
+    run_dir = root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-e2b{sdk[0]}-ci{sdk[1]}"
     run_dir.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("E2B_")}
     env.update(E2B_API_URL=args.url, E2B_SANDBOX_URL=args.url, E2B_API_KEY=args.api_key)
@@ -280,7 +291,7 @@ def main() -> int:
         print(f"{name:20} {totals['passed']:7} {totals['failed']:7} {totals['skipped']:8}")
     total = {k: sum(r[k] for r in results.values()) for k in ("passed", "failed", "skipped")}
     print(f"{'total':20} {total['passed']:7} {total['failed']:7} {total['skipped']:8}")
-    print(f"JUnit XML: {run_dir}")
+    print(f"SDK: e2b {sdk[0]}, e2b-code-interpreter {sdk[1]}; JUnit XML: {run_dir}")
     return 1 if total["failed"] else 0
 
 

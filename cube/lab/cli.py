@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from cube.lab.image import build_image
-from cube.lab.runner import run_in_lab
+from cube.lab.runner import L1_CPUS, run_in_lab
 from cube.pool.template import TemplateStore
 from cube.pool.template_build import build_defaults
 
@@ -82,7 +82,7 @@ def run(
     ] = 3600.0,
     boot_timeout: BootTimeout = 300.0,
     memory_mb: Memory = 6144,
-    cpus: Cpus = 2,
+    cpus: Cpus = L1_CPUS,
 ) -> None:
     """Run a command in a fresh L1, from the checkout, and exit with its status."""
     raise typer.Exit(
@@ -103,7 +103,7 @@ def serve(
     port: Annotated[int, typer.Option(help="Port of `cube serve`, on L1 and on the host.")] = 3000,
     boot_timeout: BootTimeout = 300.0,
     memory_mb: Memory = 6144,
-    cpus: Cpus = 2,
+    cpus: Cpus = L1_CPUS,
 ) -> None:
     """Run `cube serve` in L1, reachable on the host at 127.0.0.1:PORT, until interrupted.
 

@@ -78,6 +78,11 @@ CONSOLE_TAIL_LINES = 60
 QEMU_TAIL_LINES = 20
 QEMU_NOISE = "TCG doesn't support requested feature"
 
+# One CPU: with two, L1 (nested SVM under QEMU's TCG) loses interrupts around VMRUN, which
+# shows as panics (an IPI taken before the host state is back) and as livelocks (a CPU that never
+# answers an IPI) under load; with one there are no cross-CPU IPIs, and on a two-CPU host the
+# lab tier is even faster (README, "Lab candidates and the soak").
+L1_CPUS = 1
 KERNEL_CMDLINE = (
     f"root=/dev/vda rw console=ttyS0 init={INIT_PATH} "
     # a dying init panics, the kernel then reboots, and -no-reboot turns that into QEMU exiting
@@ -410,7 +415,7 @@ def run_in_lab(
     boot_timeout: float,
     env: Mapping[str, str] | None = None,
     memory_mb: int = 6144,
-    cpus: int = 2,
+    cpus: int = L1_CPUS,
 ) -> int:
     """Run `command` in a fresh L1 from the checkout's folder; return its exit status.
 

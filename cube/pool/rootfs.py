@@ -283,14 +283,18 @@ def _module_file(base: Path, module: str) -> Path | None:
 
 
 def copy_guest_package(tree: Path, log: BuildLog) -> None:
-    """Copy the guest modules and byte-compile them (the host's Python is 3.11 too), so the
-    agent's first start in the guest does not pay for compiling."""
+    """Copy the guest modules and byte-compile them, so the agent's first start in the guest
+    does not pay for compiling. Only a host Python 3.11 can write the guest's .pyc files (on a
+    Debian 13 host it is 3.13, whose cpython-313 files the guest would never read); elsewhere
+    the agent compiles its modules when it first starts, before the template is snapshotted,
+    so restored sandboxes still pay nothing."""
     lib = dir_in_root(tree, GUEST_LIB.strip("/").split("/"))
     for rel in guest_modules():
         target = lib / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(PACKAGE_DIR.parent / rel, target)
-    log.run([sys.executable, "-m", "compileall", "-q", "-d", GUEST_LIB, str(lib)])
+    if sys.version_info[:2] == (3, 11):
+        log.run([sys.executable, "-m", "compileall", "-q", "-d", GUEST_LIB, str(lib)])
 
 
 def pip_install(target: Path, requirements: list[str], log: BuildLog) -> None:

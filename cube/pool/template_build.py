@@ -189,12 +189,10 @@ async def _drive(
     envd_version = ""
 
     async def run_guest() -> None:
-        stop = await vm.run()
+        await vm.run()
         if not finished:
-            raise BuildError(
-                f"the guest stopped during the build ({stop.reason.value}: {stop.detail})"
-                f"\n--- console tail ---\n{vm.console_tail()}"
-            )
+            report = "\n".join(vm.crash_report())
+            raise BuildError(f"the guest stopped during the build\n{report}")
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_guest)
@@ -215,10 +213,9 @@ async def _drive(
                 if not prepared.ok:
                     raise BuildError(f"the agent could not prepare: {prepared.error}")
         except trio.TooSlowError:
-            raise BuildError(
-                f"waited {BOOT_TIMEOUT:.0f} s for {waiting_for}"
-                f"\n--- console tail ---\n{vm.console_tail()}"
-            ) from None
+            vm.pause()  # a hung guest: its vCPUs' state says where
+            report = "\n".join(vm.crash_report())
+            raise BuildError(f"waited {BOOT_TIMEOUT:.0f} s for {waiting_for}\n{report}") from None
         vm.pause()
         vm.save_snapshot(Path(template.snapshot), work)
         finished = True

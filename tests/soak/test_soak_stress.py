@@ -233,7 +233,8 @@ def test_restore_stop_cycles_leak_nothing(daemon: Daemon, tmp_path: Path) -> Non
     trio.run(cycles, RESTORE_CYCLES, WARMUP)
     end = _process_counts()
     print(f"\nafter {WARMUP} restores: {start}; after {RESTORE_CYCLES} more: {end}")
-    assert {k: end[k] for k in ("fds", "threads", "mappings")} == {
-        k: start[k] for k in ("fds", "threads", "mappings")
-    }
+    assert {k: end[k] for k in ("fds", "mappings")} == {k: start[k] for k in ("fds", "mappings")}
+    # vCPU threads come from trio's thread cache, whose idle workers leave after ten seconds, so
+    # the count may fall; a thread leaked per cycle would add hundreds
+    assert end["threads"] <= start["threads"]
     assert end["rss_mib"] - start["rss_mib"] < 32

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import trio
 from typer.testing import CliRunner
 
 from cube.cli import app
@@ -114,3 +115,39 @@ def test_failed_build_says_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert (template.status, template.error) == ("error", "mirror unreachable")
     log = Path(template.build_log).read_text()
     assert "working on it" in log and "build failed: mirror unreachable" in log
+
+
+class SilentVsock:
+    async def connect(self, port: int, timeout: float) -> None:
+        await trio.sleep(timeout)
+        raise ConnectionError("no agent")
+
+
+class DyingGuest:
+    """Below the build: a VM whose guest stops on its own before its agent answers."""
+
+    vsock = SilentVsock()
+
+    async def run(self) -> None:
+        return None
+
+    def crash_report(self) -> list[str]:
+        return [
+            "guest stopped: shutdown (triple fault)",
+            "vCPU 0 (RIP 0x1000)",
+            "--- console tail ---",
+        ]
+
+
+def test_a_guest_that_dies_in_the_build_fails_it_with_its_crash_report(tmp_path: Path) -> None:
+    log = BuildLog(tmp_path / "build.log")
+    template = TemplateStore(tmp_path).begin("base", source="debian", cpus=1, memory_mb=256)
+    vm, console = DyingGuest(), GuestConsole(log)
+    with pytest.raises(BaseExceptionGroup) as caught:
+        trio.run(template_build._drive, vm, template, console, tmp_path, log)
+    error = _first_error(caught.value)
+    assert isinstance(error, BuildError)
+    assert str(error).splitlines()[1:3] == [
+        "guest stopped: shutdown (triple fault)",
+        "vCPU 0 (RIP 0x1000)",
+    ]
