@@ -7,9 +7,9 @@ VENV := .venv
 CUBE := $(VENV)/bin/cube
 PY := $(VENV)/bin/python
 # The lab boots a TCG-emulated L1 guest; give its tests generous but finite limits.
-LAB_TIMEOUT ?= 2400
+LAB_TIMEOUT ?= 3600
 
-.PHONY: all deps venv kernel lab-image serve test test-unit test-net test-kvm test-lab soak lint format clean
+.PHONY: all deps venv kernel lab-image serve test test-unit test-net test-kvm test-lab lint format clean
 
 all: venv kernel
 
@@ -63,20 +63,15 @@ test-kvm: venv
 	$(PY) -m pytest -m kvm tests/kvm
 
 # Host-built artifacts the lab tests use (guest kernel, test initramfs), then the lab tier itself,
-# which runs inside the L1 guest with the checkout and the cache shared at the same paths.
+# which runs inside the L1 guest with the checkout and the cache shared at the same paths. No
+# per-test faulthandler there: the stress tests run longer than its 15 minutes by design, and a
+# hung lab run is dumped by the lab runner before it is stopped.
 test-lab: venv
 	$(PY) -m tests.lab.artifacts
 	$(CUBE) template build-defaults --rootfs-only
 	$(CUBE) lab build
-	$(CUBE) lab run --timeout $(LAB_TIMEOUT) -- python3 -u -m pytest -m lab tests/lab
-
-# Issue 12's stress tests (create/command/kill cycles, hostile guests, a killed daemon, restore
-# cycles) in the lab; not in `test` yet (tests/soak/conftest.py says why).
-soak: venv
-	$(PY) -m tests.lab.artifacts
-	$(CUBE) template build-defaults --rootfs-only
-	$(CUBE) lab build
-	$(CUBE) lab run --timeout $(LAB_TIMEOUT) -- python3 -u -m pytest -m lab tests/soak
+	$(CUBE) lab run --timeout $(LAB_TIMEOUT) -- \
+		python3 -u -m pytest -o faulthandler_timeout=0 -m lab tests/lab
 
 clean:
 	rm -rf $(VENV) build *.egg-info cube/vmm/_kvm*.so

@@ -71,6 +71,7 @@ DUMP_REQUEST = "dump-request"  # l1-init.sh's watcher polls for it every 2 s
 DUMP_DONE = "dump-done"
 DUMP_WAIT = 30.0  # seconds for L1 to answer a dump request
 DUMP_POLL = 0.5
+SLOT_POLL = 1.0  # seconds between looks for free lab slots
 SERVE_LOGS = "serve*.log"  # l1-init.sh's copies of `cube serve` logs, with their dumps
 CONSOLE_LOG = "console.log"
 QEMU_LOG = "qemu.log"
@@ -425,7 +426,7 @@ def run_in_lab(
     image = LabImage.in_dir(build_image())
     qemu = outer_qemu()
     print(f"cube lab: L1 kernel {l1_kernel()}, outer QEMU {qemu.name}", file=sys.stderr)
-    with _one_lab_at_a_time():
+    with _lab_slots(cpus):
         run = partial(_run_once, image, qemu, command, forwards, timeout, boot_timeout, env,
                       memory_mb, cpus)  # fmt: skip
         code, panicked = run()
@@ -443,15 +444,47 @@ def run_in_lab(
 
 
 @contextlib.contextmanager
-def _one_lab_at_a_time() -> Iterator[None]:
-    """Serialise lab runs on this machine: two TCG guests on a small host starve each other."""
-    with open(cache_dir() / "lab.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+def _lab_slots(cpus: int) -> Iterator[None]:
+    """Hold one slot per L1 CPU, out of one per host CPU, waiting while too few are free.
+
+    Each L1 CPU is one busy TCG thread on the host, so labs beyond the host's CPUs starve each
+    other (and a starved L1 looks like a hung one); on a two-CPU host, two one-CPU labs fit.
+    """
+    slots = os.cpu_count() or 1
+    paths = [
+        cache_dir() / ("lab.lock" if slot == 0 else f"lab-{slot}.lock") for slot in range(slots)
+    ]
+    need = min(cpus, slots)
+    said = False
+    while (held := _lock_some(paths, need)) is None:
+        if not said:
             print("cube lab: waiting for another lab run to finish", file=sys.stderr, flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            said = True
+        time.sleep(SLOT_POLL)
+    try:
         yield
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def _lock_some(paths: Sequence[Path], need: int) -> list[int] | None:
+    """Open descriptors holding the locks of `need` of `paths`, or None (holding none)."""
+    held: list[int] = []
+    for path in paths:
+        if len(held) == need:
+            break
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(fd)
+        except BlockingIOError:
+            os.close(fd)
+    if len(held) == need:
+        return held
+    for fd in held:
+        os.close(fd)
+    return None
 
 
 def _run_once(

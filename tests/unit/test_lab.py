@@ -14,6 +14,7 @@ import re
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -517,3 +518,30 @@ def test_the_dump_watcher_signals_only_processes_that_catch_sigusr1() -> None:
         for process in (catcher, plain):
             process.kill()
             process.wait()
+
+
+def test_labs_run_side_by_side_only_as_far_as_the_host_has_cpus(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(runner, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(runner, "SLOT_POLL", 0.01)
+    third_started = threading.Event()
+
+    def third_lab() -> None:
+        with runner._lab_slots(1):
+            third_started.set()
+
+    with runner._lab_slots(1), runner._lab_slots(1):
+        waiting = threading.Thread(target=third_lab)
+        waiting.start()
+        assert not third_started.wait(0.5)
+    waiting.join(10)
+    assert third_started.is_set()
+    with runner._lab_slots(2):  # a two-CPU lab takes the whole host
+        waiting = threading.Thread(target=third_lab)
+        third_started.clear()
+        waiting.start()
+        assert not third_started.wait(0.5)
+    waiting.join(10)
+    assert third_started.is_set()
