@@ -113,8 +113,8 @@ PANIC = (
 )
 HOSTILE = {
     "panics": PANIC,
-    # without panic_on_oom, the OOM killer ends the filling process and the guest lives on
     "spins": "for i in $(seq $(nproc)); do (while :; do :; done) & done; sleep 1000",
+    # without panic_on_oom, the OOM killer ends the filling process and the guest lives on
     "fills its memory": FILL_MEMORY,
 }
 
