@@ -43,7 +43,6 @@ fail() {
 DUMP_REQUEST=dump-request DUMP_DONE=dump-done # runner.py's DUMP_REQUEST, DUMP_DONE
 SERVE_PATTERN='(^|[ /])[c]ube serve( |$)'
 PYTEST_PATTERN='(^|[ /])[p]y\.?test( |$)'
-LAB_SERVE_LOG=lab-serve-test/serve.log # tests/lab/daemon.py's, in the cache
 LOG_TAIL_BYTES=2000000
 
 dump_when_asked() {
@@ -75,17 +74,10 @@ catches_usr1() {
     [ -n "$caught" ] && (((0x$caught >> 9) & 1))
 }
 
-copy_serve_logs() { # PID...: the lab tests' serve log as serve.log, other serves' as serve-PID.log
-    local tag path cache= pid file
-    while IFS=$'\t' read -r tag path; do
-        [ "$tag" = cache ] && cache=$path
-    done <"$RUN/shares"
-    if [ -f "$cache/$LAB_SERVE_LOG" ]; then
-        tail -c "$LOG_TAIL_BYTES" "$cache/$LAB_SERVE_LOG" >"$RUN/serve.log"
-    fi
+copy_serve_logs() { # PID...: each serve's log (where its stderr goes) as serve-PID.log
+    local pid file
     for pid in "$@"; do
         file=$(readlink "/proc/$pid/fd/2") && [ -f "$file" ] || continue
-        [ "$file" = "$cache/$LAB_SERVE_LOG" ] && continue
         tail -c "$LOG_TAIL_BYTES" "$file" >"$RUN/serve-$pid.log"
     done
 }

@@ -14,21 +14,35 @@ are the exits that reach the VMM; exits KVM handles in the kernel (EPT faults, i
 PIT, HLT with an in-kernel irqchip) never come back to us and are not counted. The last few
 are also kept, with their port or address, for the report of a guest that dies
 (cube.vmm.crash_report).
+
+Guest work runs below the daemon. At equal priority a guest that spins its vCPUs takes a full
+share of a CPU from the daemon's trio thread for each of them, so the API slows in step with how
+many vCPUs are busy. Each vCPU thread lowers its own nice value by VCPU_NICE (CFS weight 110
+against the daemon's 1024 at nice 10): a busy vCPU then yields most of a contended CPU to the
+daemon when it has work, while vCPUs still share fairly among themselves and take all of an idle
+CPU. Lowering a thread's priority needs no privilege but raising it again does, so every vCPU
+runs on a thread of its own that ends with it (`run_in_own_thread`), not on one of trio's reused
+worker threads.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import signal
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import outcome
+import trio
+
 from cube.vmm.bus import Bus
 from cube.vmm.kvm import Vcpu, ffi, lib
 
 KICK_SIGNAL = signal.SIGRTMIN + 2
+VCPU_NICE = 10  # added to the daemon's nice value for vCPU threads; see the module docstring
 # Exits each vCPU remembers for a crash report: (reason, port or address, 1 for out/write).
 RECENT_EXITS = 16
 TRIPLE_FAULT = "triple fault"  # a KVM_EXIT_SHUTDOWN's detail
@@ -96,8 +110,28 @@ class VcpuRunner:
         """Exits so far by reason name; safe to call from any thread, while running or after."""
         return Counter({EXIT_NAMES.get(r, f"reason_{r}"): n for r, n in dict(self._exits).items()})
 
+    async def run_in_own_thread(self, name: str) -> None:
+        """Run the vCPU until the VM stops, on a new thread named `name` that ends with it.
+
+        Cancellation does not abandon the thread: the VM stops it with `request_stop`, and this
+        waits, shielded, for it to return, so that no vCPU outlives its VM's memory.
+        """
+        token = trio.lowlevel.current_trio_token()
+        finished = trio.Event()
+        result: list[outcome.Outcome[None]] = []
+
+        def body() -> None:
+            result.append(outcome.capture(self.run))
+            token.run_sync_soon(finished.set)
+
+        threading.Thread(target=body, name=name, daemon=True).start()
+        with trio.CancelScope(shield=True):
+            await finished.wait()
+        result[0].unwrap()
+
     def run(self) -> None:
         """The thread's body; returns when the VM stops."""
+        os.nice(VCPU_NICE)  # on Linux, this thread's alone
         with self._wanted:
             self._thread_id = threading.get_ident()
         try:

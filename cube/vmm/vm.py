@@ -521,14 +521,13 @@ class MicroVm:
         return stop
 
     async def _run_until_stopped(self) -> None:
-        limiter = trio.CapacityLimiter(len(self.runners))
         async with trio.open_nursery() as nursery:
             remaining = len(self.runners)
 
-            async def run_vcpu(runner: VcpuRunner) -> None:
+            async def run_vcpu(index: int, runner: VcpuRunner) -> None:
                 nonlocal remaining
                 try:
-                    await trio.to_thread.run_sync(runner.run, limiter=limiter)
+                    await runner.run_in_own_thread(f"vcpu {index}")
                 finally:
                     remaining -= 1
                     if remaining == 0:
@@ -545,8 +544,8 @@ class MicroVm:
                 nursery.start_soon(self.vsock.run)
             if self.net is not None:
                 nursery.start_soon(self.net.run)
-            for runner in self.runners:
-                nursery.start_soon(run_vcpu, runner)
+            for index, runner in enumerate(self.runners):
+                nursery.start_soon(run_vcpu, index, runner)
 
     def close(self) -> None:
         """Release everything; the guest must not be running (after `run()` returned)."""

@@ -13,11 +13,13 @@ through their egress filters and the NAT, as they would reach the internet.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +39,10 @@ from cube.pool.template_build import BuildSpec, build_template, missing_in_lab
 SPEC = BuildSpec(name="base", cpus=1, memory_mb=512)
 INTERPRETER_SPEC = BuildSpec(name="code-interpreter-v1", interpreter=True, cpus=1, memory_mb=1024)
 READY_TIMEOUT = 300.0
+DATA_PREFIX = "lab-serve-"
+# A lab run ends within hours (make test-lab's LAB_TIMEOUT, three attempts); a data folder older
+# than this was left by an L1 that was stopped before it could remove it.
+ABANDONED_AFTER = 24 * 3600.0
 SDK_TIMEOUT = 120  # seconds per SDK request: nested TCG is slow
 
 INTERNET_NS = "cube-lab-internet"
@@ -114,9 +120,11 @@ def running_daemon() -> Iterator[Daemon]:
     for spec in specs:
         if (missing := missing_in_lab(spec)) is not None:
             raise AssertionError(missing)
-    # In the shared cache, beside the cached rootfs, so the template's disk is a hard link.
-    data = cache_dir() / "lab-serve-test"
-    shutil.rmtree(data, ignore_errors=True)
+    # In the shared cache, beside the cached rootfs, so the template's disk is a hard link; a
+    # folder of this run's own, since labs run side by side on one cache (and 9p carries no
+    # locks between their L1s).
+    _remove_abandoned(cache_dir())
+    data = Path(tempfile.mkdtemp(prefix=DATA_PREFIX, dir=cache_dir()))
     for spec in specs:
         started = time.monotonic()
         build_template(spec, TemplateStore(data / "templates"))
@@ -160,6 +168,13 @@ def running_daemon() -> Iterator[Daemon]:
                 server.wait()
             print(f"\n--- cube serve log (tail) ---\n{log.read_text()[-4000:]}")
             shutil.rmtree(data, ignore_errors=True)
+
+
+def _remove_abandoned(cache: Path) -> None:
+    for folder in cache.glob(f"{DATA_PREFIX}*"):
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - folder.stat().st_mtime > ABANDONED_AFTER:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _wait_listening(daemon: Daemon, server: subprocess.Popen[bytes]) -> None:

@@ -404,7 +404,7 @@ def test_the_lab_runs_qemu_10_or_newer_by_default(monkeypatch: pytest.MonkeyPatc
 ANSWERS_DUMPS = """echo $$ > "$1/pid"; echo CUBE-LAB-READY
 until [ -e "$1/dump-request" ]; do sleep 0.1; done
 echo "Thread 0x0000000000000001 (most recent call first):"
-echo "a dump" > "$1/serve.log"; touch "$1/dump-done"; exec sleep 60"""
+echo "a dump" > "$1/serve-7.log"; touch "$1/dump-done"; exec sleep 60"""
 
 
 def test_a_hung_command_asks_l1_for_dumps_before_it_is_stopped(
@@ -421,7 +421,7 @@ def test_a_hung_command_asks_l1_for_dumps_before_it_is_stopped(
     runner.report_failure(failure.value, tmp_path)
     err = capsys.readouterr().err
     assert "past its timeout" in err and "L1 answered the dump request" in err
-    assert f"in {tmp_path / 'serve.log'}" in err and f"in {tmp_path / 'console.log'}" in err
+    assert f"in {tmp_path / 'serve-7.log'}" in err and f"in {tmp_path / 'console.log'}" in err
 
 
 def test_the_dumps_travel_on_the_command_output_while_the_runner_waits(tmp_path: Path) -> None:
@@ -450,11 +450,9 @@ def test_the_init_script_answers_the_dump_request() -> None:
     assert '"$RUN/$DUMP_REQUEST"' in INIT and '"$RUN/$DUMP_DONE"' in INIT
     assert "dump_when_asked &\n" in INIT
     assert "echo l >/proc/sysrq-trigger\n" in INIT and "echo w >/proc/sysrq-trigger\n" in INIT
-    # where tests/lab/daemon.py has serve write its log, copied as the runner names it
-    assert "LAB_SERVE_LOG=lab-serve-test/serve.log " in INIT
-    daemon = (CHECKOUT_DIR / "tests" / "lab" / "daemon.py").read_text()
-    assert 'cache_dir() / "lab-serve-test"' in daemon and '"serve.log"' in daemon
-    assert '>"$RUN/serve.log"' in INIT and runner.SERVE_LOGS == "serve*.log"
+    # each serve's log (its stderr's file) copied as the runner names it
+    assert '"/proc/$pid/fd/2"' in INIT and '>"$RUN/serve-$pid.log"' in INIT
+    assert runner.SERVE_LOGS == "serve-*.log"
 
 
 def _init_pattern(name: str) -> str:
